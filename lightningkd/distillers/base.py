@@ -1,0 +1,84 @@
+"""The :class:`Distiller` contract shared by every knowledge-distillation loss."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+Features = Mapping[str, Tensor]
+"""Tapped activations of one model: ``"output"`` is the model's own output, other keys are layer names."""
+
+OUTPUT = "output"
+
+
+class Distiller(nn.Module, abc.ABC):
+    """Base class of the distillation losses.
+
+    A distiller receives the features of the student and of the teacher (tapped by the LightningModule)
+    and returns one *unweighted* 0-dim loss. It never runs a model. Learnable adapters are created in
+    ``__init__`` from explicit sizes, so they exist before the optimizer is built and are saved in
+    checkpoints with the student.
+
+    Subclasses set :attr:`student_layers` and :attr:`teacher_layers` to the layer names they read (the
+    module taps exactly those) and implement :meth:`forward`.
+
+    Args:
+        weight: factor applied by the LightningModule to this loss in the total.
+        name: key under which the loss is logged (``train/kd/<name>``); defaults to the lower-cased class
+            name.
+
+    Attributes:
+        scale: run-time factor set by warm-up callbacks (1.0 otherwise); the module multiplies the loss by
+            ``weight * scale``.
+        needs_labels: the distiller reads ``batch["target"]``.
+        needs_teacher_grad: the teacher's features must keep their autograd graph (rare; e.g. methods that
+            back-propagate through frozen teacher layers). Off by default: the teacher runs under no_grad.
+    """
+
+    student_layers: tuple[str, ...] = (OUTPUT,)
+    teacher_layers: tuple[str, ...] = (OUTPUT,)
+    needs_labels: bool = False
+    needs_teacher_grad: bool = False
+
+    def __init__(self, *, weight: float = 1.0, name: str | None = None) -> None:
+        super().__init__()
+        if not isinstance(weight, (int, float)) or weight < 0:
+            raise ValueError(f"{type(self).__name__}: weight must be a number >= 0, got {weight!r}.")
+        self.weight = float(weight)
+        self.name = name or type(self).__name__.lower()
+        self.scale = 1.0
+
+    @abc.abstractmethod
+    def forward(self, student: Features, teacher: Features, batch: Mapping[str, Any] | None = None) -> Tensor:
+        """Return the unweighted 0-dim loss from the student's and teacher's features."""
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight}, name={self.name!r}"
+
+
+def require(features: Features, key: str, who: str, side: str) -> Tensor:
+    """Return ``features[key]`` or fail with the keys that are available."""
+    try:
+        return features[key]
+    except KeyError:
+        raise KeyError(
+            f"{who} reads the {side} layer {key!r}, but only {sorted(features)} were tapped. "
+            f"Name the layer in the distiller's arguments so the module taps it."
+        ) from None
+
+
+def require_labels(batch: Mapping[str, Any] | None, who: str) -> Tensor:
+    """Return the integer class labels of ``batch`` or fail with a clear message."""
+    if batch is None or "target" not in batch:
+        raise ValueError(
+            f"{who} needs the ground-truth labels: call it with batch={{'target': labels}} "
+            "(the distillation modules do this for you)."
+        )
+    target = batch["target"]
+    if not torch.is_tensor(target):
+        raise TypeError(f"{who} expects batch['target'] to be a tensor of class indices, got {type(target)}.")
+    return target

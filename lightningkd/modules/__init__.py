@@ -1,0 +1,6 @@
+"""LightningModules that wrap a teacher/student pair."""
+
+from lightningkd.modules.base import DistillationModule
+from lightningkd.modules.classification import ClassificationDistillationModule
+
+__all__ = ["ClassificationDistillationModule", "DistillationModule"]

@@ -1,0 +1,146 @@
+"""Classification distillation: cross-entropy task loss, top-1/top-5 accuracy for student and teacher."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightningkd.distillers.base import Distiller
+from lightningkd.modules.base import DistillationModule, _default_optimizer
+
+
+class ClassificationDistillationModule(DistillationModule):
+    """Distil an image classifier.
+
+    Task loss: cross-entropy with optional label smoothing. Validation and test log ``val/acc1``,
+    ``val/acc5`` and ``val/loss`` of the student, and once (first real validation epoch)
+    ``val/teacher_acc1`` / ``val/teacher_acc5`` for reference. ``predict`` returns class probabilities.
+
+    Args:
+        student: classifier returning ``(N, num_classes)`` logits.
+        teacher: frozen classifier (same classes), or ``None`` to train without distillation.
+        distillers: see :class:`~lightningkd.modules.base.DistillationModule`.
+        num_classes: number of classes, for the metrics.
+        label_smoothing: cross-entropy label smoothing (0 disables it).
+        task_weight, optimizer, lr_scheduler, lr_scheduler_interval, teacher_input, channels_last:
+            see :class:`~lightningkd.modules.base.DistillationModule`.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> from lightningkd.distillers import KD
+        >>> student, teacher = nn.Sequential(nn.Flatten(), nn.Linear(12, 3)), nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+        >>> module = ClassificationDistillationModule(student, teacher, [KD(temperature=4.0)], num_classes=3)
+        >>> [d.name for d in module.distillers]
+        ['kd']
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None = None,
+        distillers: Sequence[Distiller] = (),
+        num_classes: int = 1000,
+        label_smoothing: float = 0.0,
+        task_weight: float = 1.0,
+        optimizer: OptimizerCallable = _default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_interval: str = "epoch",
+        teacher_input: nn.Module | None = None,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__(
+            student,
+            teacher,
+            distillers,
+            task_weight=task_weight,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            lr_scheduler_interval=lr_scheduler_interval,
+            teacher_input=teacher_input,
+            channels_last=channels_last,
+        )
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}.")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
+        self.num_classes = num_classes
+        self.label_smoothing = label_smoothing
+        top_k = min(5, num_classes)
+        self.top_k = top_k
+        for stage in ("val", "test"):
+            for who in ("student", "teacher"):
+                setattr(
+                    self, f"{stage}_{who}_acc1", MulticlassAccuracy(num_classes, top_k=1, average="micro")
+                )
+                setattr(
+                    self,
+                    f"{stage}_{who}_acc{top_k}",
+                    MulticlassAccuracy(num_classes, top_k=top_k, average="micro"),
+                )
+
+    def task_loss(self, student_output: Tensor, batch: Mapping[str, Any]) -> Tensor:
+        logits = _logits(student_output)
+        target = batch["target"]
+        if logits.ndim != 2 or logits.shape[1] != self.num_classes:
+            raise ValueError(
+                f"The student returned logits of shape {tuple(logits.shape)}, expected (N, {self.num_classes}): "
+                "check num_classes of the model and of the module."
+            )
+        return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return _logits(self.student(self.prepare_images(images)))
+
+    def _evaluate(self, batch: Any, stage: str) -> None:
+        batch = self.unpack_batch(batch)
+        images, target = self.prepare_images(batch["image"]), batch["target"]
+        logits = _logits(self.student(images))
+        size = images.shape[0]
+        self.log(f"{stage}/loss", F.cross_entropy(logits, target), batch_size=size, sync_dist=True)
+        for k in (1, self.top_k):
+            metric = getattr(self, f"{stage}_student_acc{k}")
+            metric(logits, target)
+            self.log(f"{stage}/acc{k}", metric, prog_bar=(k == 1), batch_size=size)
+        if self._teacher_due(stage):
+            teacher_logits = _logits(self.teacher_features(images)["output"])
+            for k in (1, self.top_k):
+                metric = getattr(self, f"{stage}_teacher_acc{k}")
+                metric(teacher_logits, target)
+                self.log(f"{stage}/teacher_acc{k}", metric, batch_size=size)
+
+    def _teacher_due(self, stage: str) -> bool:
+        if self.teacher is None or self.trainer.sanity_checking:
+            return False
+        return stage == "test" or not self.teacher_validated
+
+    def on_validation_epoch_end(self) -> None:
+        if self.teacher is not None and not self.trainer.sanity_checking:
+            self.teacher_validated = True
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        images = (
+            batch["image"]
+            if isinstance(batch, Mapping)
+            else batch[0]
+            if isinstance(batch, (list, tuple))
+            else batch
+        )
+        return self(images).softmax(dim=1)
+
+
+def _logits(output: Any) -> Tensor:
+    """Logits from a classifier output (a tensor, or the first element of a tuple as some timm models return)."""
+    if isinstance(output, (tuple, list)):
+        output = output[0]
+    return output

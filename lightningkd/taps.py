@@ -1,0 +1,125 @@
+"""Forward-hook feature taps: read intermediate activations of any unmodified model by layer name."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightningkd.distillers.base import OUTPUT
+
+
+def list_layers(model: nn.Module) -> list[str]:
+    """Return the names of every tappable layer of ``model`` (its ``named_modules()`` paths).
+
+    Example:
+        >>> import torch.nn as nn
+        >>> list_layers(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
+        ['0', '1']
+    """
+    return [name for name, _ in model.named_modules() if name]
+
+
+def describe_layers(model: nn.Module, example_input: Tensor | None = None) -> str:
+    """A printable table of layer names, module types and (given an example input) output shapes."""
+    shapes: dict[str, str] = {}
+    if example_input is not None:
+        tap = FeatureTap(model, list_layers(model))
+        with torch.no_grad():
+            was_training = model.training
+            model.eval()
+            features = tap(example_input)
+            model.train(was_training)
+        tap.remove()
+        shapes = {k: _shape(v) for k, v in features.items()}
+    modules = dict(model.named_modules())
+    width = max((len(n) for n in modules), default=4)
+    lines = []
+    for name in list_layers(model):
+        line = f"{name:<{width}}  {type(modules[name]).__name__}"
+        if name in shapes:
+            line += f"  {shapes[name]}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _shape(value: Any) -> str:
+    if torch.is_tensor(value):
+        return str(tuple(value.shape))
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_shape(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_shape(v)}" for k, v in value.items()) + "}"
+    return type(value).__name__
+
+
+class FeatureTap:
+    """Record the outputs of named layers of a model with forward hooks.
+
+    Calling the tap runs the model and returns a dict holding each tapped layer's output under its name
+    and the model's own output under ``"output"``. Stored features are cleared at every call, so nothing
+    from a previous batch leaks into the next.
+
+    Args:
+        model: any ``nn.Module``; it is not modified apart from the hooks.
+        layers: ``named_modules()`` paths to record. ``"output"`` is always available and need not be named.
+
+    Raises:
+        ValueError: a name that is not a layer of ``model``; the message lists the valid names.
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten())
+        >>> tap = FeatureTap(net, ["0"])
+        >>> feats = tap(torch.zeros(2, 3, 5, 5))
+        >>> sorted(feats), tuple(feats["0"].shape)
+        (['0', 'output'], (2, 4, 5, 5))
+    """
+
+    def __init__(self, model: nn.Module, layers: Iterable[str]) -> None:
+        self.model = model
+        self.layers = tuple(dict.fromkeys(name for name in layers if name != OUTPUT))
+        modules = dict(model.named_modules())
+        unknown = [name for name in self.layers if name not in modules or name == ""]
+        if unknown:
+            raise ValueError(
+                f"Unknown layer name(s) {unknown} for {type(model).__name__}. Valid names: "
+                f"{_abbreviate(list_layers(model))}. `lightningkd layers` prints them with their shapes."
+            )
+        self.features: dict[str, Any] = {}
+        # partial of a method (not a closure) keeps the hooked model picklable and deep-copyable
+        self._handles = [
+            modules[name].register_forward_hook(partial(self._store, name)) for name in self.layers
+        ]
+
+    def _store(self, name: str, module: nn.Module, inputs: Any, output: Any) -> None:
+        self.features[name] = output
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        self.features = {}
+        output = self.model(*args, **kwargs)
+        features = dict(self.features)
+        features[OUTPUT] = output
+        self.features = {}
+        return features
+
+    def remove(self) -> None:
+        """Detach the hooks from the model."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> FeatureTap:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def _abbreviate(names: Sequence[str], limit: int = 60) -> str:
+    if len(names) <= limit:
+        return str(list(names))
+    return str(list(names[:limit]))[:-1] + f", ... ({len(names) - limit} more)]"

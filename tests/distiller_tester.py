@@ -1,0 +1,87 @@
+"""Shared checks every distiller must pass; each distiller's test class subclasses DistillerTester."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from jsonargparse import ArgumentParser
+
+from lightningkd.distillers import Distiller
+
+PARITY = Path(__file__).parent / "fixtures" / "parity"
+
+
+def parity_cases(method: str) -> list[dict[str, Any]]:
+    """The cases of ``tests/fixtures/parity/<method>.json`` (copied from the authors' parity fixtures)."""
+    return json.loads((PARITY / f"{method}.json").read_text())["cases"]
+
+
+def tensor(spec: dict[str, Any], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Rebuild a fixture tensor ``{"shape", "data", "dtype"}``; floats are cast to ``dtype`` if given."""
+    t = torch.tensor(spec["data"], dtype=getattr(torch, spec["dtype"])).reshape(spec["shape"])
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
+class DistillerTester:
+    """Subclass and define :meth:`make`, :meth:`inputs` and :attr:`yaml_config`.
+
+    ``inputs`` returns ``(student_features, teacher_features, batch)`` with float32 tensors; student tensors
+    must be leaves with ``requires_grad=True``; teacher tensors must not require grad (as produced by the
+    module's no_grad teacher forward).
+    """
+
+    yaml_config: str = ""
+
+    def make(self) -> Distiller:
+        raise AssertionError("DistillerTester subclasses must define make()")
+
+    def inputs(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any] | None]:
+        raise AssertionError("DistillerTester subclasses must define inputs()")
+
+    def test_scalar_and_finite(self) -> None:
+        torch.manual_seed(0)
+        distiller = self.make()
+        loss = distiller(*self.inputs())
+        assert loss.ndim == 0
+        assert torch.isfinite(loss)
+        assert loss.item() >= 0
+
+    def test_finite_under_bf16_autocast(self) -> None:
+        torch.manual_seed(0)
+        distiller = self.make()
+        student, teacher, batch = self.inputs()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            student = {k: v.to(torch.bfloat16) for k, v in student.items()}
+            teacher = {k: v.to(torch.bfloat16) for k, v in teacher.items()}
+            loss = distiller(student, teacher, batch)
+        assert loss.ndim == 0 and torch.isfinite(loss.float())
+
+    def test_gradients_reach_student_and_adapters(self) -> None:
+        torch.manual_seed(0)
+        distiller = self.make()
+        student, teacher, batch = self.inputs()
+        assert all(not v.requires_grad for v in teacher.values())
+        distiller(student, teacher, batch).backward()
+        assert any(v.grad is not None and v.grad.abs().sum() > 0 for v in student.values())
+        for name, p in distiller.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"adapter parameter {name} got no gradient"
+
+    def test_builds_from_yaml(self) -> None:
+        parser = ArgumentParser()
+        parser.add_argument("--distiller", type=Distiller)
+        cfg = parser.parse_object({"distiller": yaml.safe_load(self.yaml_config)})
+        built = parser.instantiate_classes(cfg).distiller
+        assert isinstance(built, type(self.make()))
+
+    def test_yaml_typo_fails(self) -> None:
+        spec = yaml.safe_load(self.yaml_config)
+        spec.setdefault("init_args", {})["no_such_argument"] = 1
+        parser = ArgumentParser(exit_on_error=False)
+        parser.add_argument("--distiller", type=Distiller)
+        with pytest.raises(Exception, match="no_such_argument"):
+            parser.parse_object({"distiller": spec})
