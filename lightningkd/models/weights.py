@@ -56,11 +56,17 @@ def load_weights(
         raise FileNotFoundError(f"Checkpoint {path!r} does not exist.")
     obj = torch.load(path, map_location="cpu", weights_only=False)
     state = extract_state_dict(obj, prefix)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    hint = "Check the model name, num_classes and small_input against the run that wrote the file."
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches raise even when strict=False
+        raise RuntimeError(
+            f"The weights in {path!r} do not fit {type(model).__name__}: {err}\n{hint}"
+        ) from None
     if strict and (missing or unexpected):
         raise RuntimeError(
             f"The weights in {path!r} do not fit {type(model).__name__}: missing keys {missing[:10]}"
             f"{'...' if len(missing) > 10 else ''}, unexpected keys {unexpected[:10]}"
-            f"{'...' if len(unexpected) > 10 else ''}. Check the model name, num_classes and small_input."
+            f"{'...' if len(unexpected) > 10 else ''}. {hint}"
         )
     return model

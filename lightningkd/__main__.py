@@ -1,0 +1,3 @@
+from lightningkd.cli import main
+
+main()

@@ -1,0 +1,6 @@
+"""Lightning callbacks for distillation runs."""
+
+from lightningkd.callbacks.summary import MetricsSummary
+from lightningkd.callbacks.warmup import KDWeightWarmup
+
+__all__ = ["KDWeightWarmup", "MetricsSummary"]
