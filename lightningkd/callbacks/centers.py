@@ -23,7 +23,7 @@ class NDClassCenters(L.Callback):
 
         if not isinstance(pl_module, DistillationModule):
             raise TypeError("NDClassCenters works with lightningkd DistillationModule subclasses.")
-        pending = [d for d in pl_module.distillers if isinstance(d, ND) and not bool(d.centers_ready)]
+        pending = [d for d in pl_module.distillers if isinstance(d, ND) and not d.has_centers]
         if not pending:
             return
         if trainer.datamodule is None:

@@ -39,7 +39,7 @@ class ND(Distiller):
     training augmentation, and round them to 4 decimals.
 
     Published weights (``nd_loss_factor``): ImageNet 1 (R34->R18, R50->R18, R50->MobileNetV1), 4 (R101->R18),
-    2 (R152->R18); CIFAR-100 0.5 to 2 per pair (2 for res56->res20 and res32x4->res8x4).
+    2 (R152->R18); CIFAR-100 scripts 0.5 to 4 per pair (2 for res56->res20 and res32x4->res8x4).
 
     Args:
         student_layer: tapped student embedding layer.
@@ -164,7 +164,8 @@ class ND(Distiller):
 
 def _sync_ready_flag(module: nn.Module, incompatible_keys: Any) -> None:
     # Runs once per load_state_dict, so reading the buffer here costs nothing per step.
-    module._centers_ready = bool(module.centers_ready)
+    if module.centers_ready.device.type != "meta":  # meta tensors (deferred init) have no value to read
+        module._centers_ready = bool(module.centers_ready)
 
 
 def load_class_centers(path: str | Path) -> Tensor:
@@ -236,6 +237,7 @@ def class_centers(
     layer: str,
     num_classes: int,
     device: torch.device | str | None = None,
+    teacher_input: nn.Module | None = None,
 ) -> Tensor:
     """Per-class mean of the teacher's ``layer`` embeddings over a data loader (ND's class centres).
 
@@ -253,6 +255,7 @@ def class_centers(
         layer: ``named_modules()`` path of the embedding layer (``"output"`` for the model's output).
         num_classes: K; every class must occur at least once.
         device: where the teacher runs the images; defaults to the device of its parameters.
+        teacher_input: optional conversion applied to the images first (the module's ``teacher_input``).
 
     Shape:
         returns ``(num_classes, D)``.
@@ -286,7 +289,10 @@ def class_centers(
         with FeatureTap(teacher, [layer]) as tap:
             for batch in dataloader:
                 images, labels = _split_batch(batch)
-                emb = flatten_embedding(tap(images.to(device))[layer]).detach().to("cpu", torch.float64)
+                images = images.to(device)
+                if teacher_input is not None:
+                    images = teacher_input(images)
+                emb = flatten_embedding(tap(images)[layer]).detach().to("cpu", torch.float64)
                 labels = torch.as_tensor(labels).to("cpu").long()
                 if labels.ndim != 1 or labels.shape[0] != emb.shape[0]:
                     raise ValueError(

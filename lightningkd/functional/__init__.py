@@ -1,5 +1,24 @@
 """The distillation losses as pure tensor functions (same maths as :mod:`lightningkd.distillers`)."""
 
+from lightningkd.functional.at import at_loss, attention_map
+from lightningkd.functional.dist import dist_loss, dist_terms
+from lightningkd.functional.dkd import dkd_loss, dkd_terms
+from lightningkd.functional.fitnet import fitnet_loss
 from lightningkd.functional.kd import kd_loss
+from lightningkd.functional.nd import nd_loss
+from lightningkd.functional.rkd import rkd_angle_loss, rkd_distance_loss, rkd_loss
 
-__all__ = ["kd_loss"]
+__all__ = [
+    "at_loss",
+    "attention_map",
+    "dist_loss",
+    "dist_terms",
+    "dkd_loss",
+    "dkd_terms",
+    "fitnet_loss",
+    "kd_loss",
+    "nd_loss",
+    "rkd_angle_loss",
+    "rkd_distance_loss",
+    "rkd_loss",
+]

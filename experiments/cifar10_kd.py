@@ -1,0 +1,116 @@
+"""Does distillation help? Teacher, student alone, KD and DKD on CIFAR-10, sized for a 2-core CPU.
+
+Every run goes through the library: ``datamodules.CIFAR10DataModule``, ``lightningkd.models.classifier``,
+``ClassificationDistillationModule`` and the KD / DKD distillers, with a plain Lightning ``Trainer``.
+
+Setting (chosen so that the 10 runs fit in under an hour on 2 CPU cores; see README "Results"):
+    teacher  torchvision ResNet-34 (standard ImageNet stem, 21.3 M parameters)
+    student  torchvision ShuffleNetV2 x0.5 (0.35 M parameters)
+    data     CIFAR-10 JPEG copy, 32x32, pad-4 crop + flip; each epoch draws ``--train-batches`` random
+             batches of 128 from the 50,000 training images; top-1 on the full 10,000-image test split
+    optim    SGD momentum 0.9, lr 0.05 (nesterov off), weight decay 5e-4, cosine schedule to 0
+    KD       0.1 * CE + 0.9 * KD(T = 4)                       (mdistiller CIFAR setting)
+    DKD      1.0 * CE + DKD(alpha 1, beta 8, T 4), warm-up over the first 1/12 of training
+             (mdistiller: 20 of 240 epochs)
+
+Usage:
+    python experiments/cifar10_kd.py --data-dir /tmp/cifar10 --run teacher --seed 0
+    python experiments/cifar10_kd.py --data-dir /tmp/cifar10 --run kd --seed 1 --teacher runs/evidence/teacher.ckpt
+(``experiments/run_cifar10_kd.sh`` runs the whole table and writes ``runs/evidence/results.jsonl``.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import time
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+
+from datamodules import CIFAR10DataModule  # noqa: E402
+from lightningkd.callbacks import KDWeightWarmup  # noqa: E402
+from lightningkd.distillers import DKD, KD  # noqa: E402
+from lightningkd.models import classifier  # noqa: E402
+from lightningkd.modules import ClassificationDistillationModule  # noqa: E402
+
+TEACHER, STUDENT = "resnet34", "shufflenet_v2_x0_5"
+
+
+def build(run: str, teacher_ckpt: str | None, epochs: int) -> tuple[ClassificationDistillationModule, list]:
+    student = classifier(TEACHER if run == "teacher" else STUDENT, num_classes=10)
+    teacher, distillers, task_weight, callbacks = None, [], 1.0, []
+    if run in ("kd", "dkd"):
+        if not teacher_ckpt:
+            raise SystemExit(f"--run {run} needs --teacher (a checkpoint of the teacher run)")
+        teacher = classifier(TEACHER, num_classes=10, checkpoint=teacher_ckpt)
+    if run == "kd":
+        distillers, task_weight = [KD(temperature=4.0, weight=0.9)], 0.1
+    elif run == "dkd":
+        distillers = [DKD(alpha=1.0, beta=8.0, temperature=4.0)]
+        callbacks.append(KDWeightWarmup(epochs=max(1, round(epochs * 20 / 240))))
+    module = ClassificationDistillationModule(
+        student,
+        teacher,
+        distillers,
+        num_classes=10,
+        task_weight=task_weight,
+        optimizer=functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=5e-4),
+        lr_scheduler=functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=epochs),
+    )
+    return module, callbacks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", required=True, help="folder holding the extracted cifar10.tar.gz")
+    parser.add_argument("--run", choices=["teacher", "student", "kd", "dkd"], required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--train-batches", type=int, default=120, help="random batches of 128 per epoch")
+    parser.add_argument("--teacher", help="teacher checkpoint for kd / dkd")
+    parser.add_argument("--out-dir", default="runs/evidence")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    L.seed_everything(args.seed, workers=True)
+    module, callbacks = build(args.run, args.teacher, args.epochs)
+    data = CIFAR10DataModule(args.data_dir, batch_size=128, num_workers=2)
+    name = f"{args.run}_seed{args.seed}"
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=args.out_dir, filename=name, enable_version_counter=False
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=args.epochs,
+        limit_train_batches=args.train_batches,
+        logger=L.pytorch.loggers.CSVLogger(args.out_dir, name=name),
+        callbacks=[checkpoint, *callbacks],
+        enable_progress_bar=False,
+        deterministic=False,
+    )
+    start = time.time()
+    trainer.fit(module, datamodule=data)
+    result = {
+        "run": args.run,
+        "seed": args.seed,
+        "epochs": args.epochs,
+        "train_batches": args.train_batches,
+        "val_acc1": float(trainer.callback_metrics["val/acc1"]),
+        "val_acc5": float(trainer.callback_metrics["val/acc5"]),
+        "teacher_acc1": float(trainer.callback_metrics.get("val/teacher_acc1", float("nan"))),
+        "minutes": round((time.time() - start) / 60, 2),
+        "checkpoint": checkpoint.last_model_path or checkpoint.best_model_path,
+    }
+    print(json.dumps(result))
+    with open(os.path.join(args.out_dir, "results.jsonl"), "a") as f:
+        f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
