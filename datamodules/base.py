@@ -1,0 +1,105 @@
+"""Shared LightningDataModule plumbing for the classification datamodules (splits and loaders)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.datasets import collate_classification, seed_worker
+
+__all__ = ["BaseClassificationDataModule", "Split"]
+
+Split = Literal["train", "val", "test"]
+
+_STAGE_SPLITS: dict[str | None, tuple[Split, ...]] = {
+    "fit": ("train", "val"),
+    "validate": ("val",),
+    "test": ("test",),
+    "predict": ("test",),
+    None: ("train", "val", "test"),
+}
+
+
+class BaseClassificationDataModule(L.LightningDataModule):
+    """Splits, loaders and the common attributes of the classification datamodules.
+
+    Subclasses set ``num_classes``, ``classes``, ``mean`` and ``std`` in ``__init__`` and implement
+    :meth:`_build`. Batches are ``(images, labels)`` tuples: ``float32`` ``(N, 3, H, W)`` normalised
+    with ``mean``/``std`` and ``int64`` ``(N,)``. The train loader shuffles and drops the last
+    incomplete batch; memory is pinned when CUDA is available and workers persist across epochs when
+    ``num_workers > 0``. ``predict_dataloader`` serves the test split (with its labels).
+
+    Args:
+        batch_size: samples per batch (per device under DDP).
+        num_workers: DataLoader worker processes (0 loads in the main process).
+    """
+
+    num_classes: int
+    classes: list[str]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __init__(self, batch_size: int, num_workers: int) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    def _build(self, split: Split) -> Dataset:
+        """Create the dataset of ``split`` (called at most once per split)."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets that ``stage`` needs (``fit``: train and val; ``test``/``predict``: test)."""
+        if stage not in _STAGE_SPLITS:
+            raise ValueError(f"Unknown stage {stage!r}; expected one of {list(_STAGE_SPLITS)}.")
+        for split in _STAGE_SPLITS[stage]:
+            if getattr(self, f"{split}_set") is None:
+                setattr(self, f"{split}_set", self._build(split))
+
+    def _loader(self, split: Split, train: bool = False) -> DataLoader:
+        dataset = getattr(self, f"{split}_set")
+        if dataset is None:  # used outside a Trainer without calling setup()
+            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
+            dataset = getattr(self, f"{split}_set")
+        if train and len(dataset) < self.batch_size:
+            raise ValueError(
+                f"The train split has {len(dataset)} samples, fewer than batch_size={self.batch_size}; "
+                "the train loader drops incomplete batches and would be empty."
+            )
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            collate_fn=collate_classification,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            worker_init_fn=seed_worker,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches, incomplete last batch dropped."""
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches, in order."""
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        """Test batches, in order."""
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test split, in order, as ``(images, labels)`` batches."""
+        return self._loader("test")
