@@ -53,7 +53,8 @@ def _samples(
     templates: Tensor, n: int, image_size: int, shift: int, noise: float, generator: torch.Generator
 ) -> tuple[Tensor, Tensor]:
     """Draw ``n`` images in [0, 1]: a shifted, possibly mirrored class pattern + contrast, tint and noise."""
-    labels = torch.randint(len(templates), (n,), generator=generator)
+    # balanced classes in random order: every class occurs once n >= K (ND's class centres need that)
+    labels = torch.randperm(n, generator=generator) % len(templates)
     dy, dx = torch.randint(2 * shift + 1, (2, n), generator=generator)
     windows = templates.unfold(2, image_size, 1).unfold(3, image_size, 1)  # (K, 3, dy, dx, S, S) view
     x = windows[labels, :, dy, dx]  # (n, 3, S, S)

@@ -3,8 +3,8 @@
 Every run goes through the library: ``datamodules.CIFAR10DataModule``, ``lightningkd.models.classifier``,
 ``ClassificationDistillationModule`` and the KD / DKD distillers, with a plain Lightning ``Trainer``.
 
-Setting (chosen so that the 10 runs fit in under an hour on 2 CPU cores; see README "Results"):
-    teacher  torchvision ResNet-34 (standard ImageNet stem, 21.3 M parameters)
+Setting (chosen so that the 10 runs fit in well under an hour on 2 CPU cores; see README "Results"):
+    teacher  torchvision ResNet-18 (standard ImageNet stem, 11.2 M parameters)
     student  torchvision ShuffleNetV2 x0.5 (0.35 M parameters)
     data     CIFAR-10 JPEG copy, 32x32, pad-4 crop + flip; each epoch draws ``--train-batches`` random
              batches of 128 from the 50,000 training images; top-1 on the full 10,000-image test split
@@ -38,7 +38,7 @@ from lightningkd.distillers import DKD, KD  # noqa: E402
 from lightningkd.models import classifier  # noqa: E402
 from lightningkd.modules import ClassificationDistillationModule  # noqa: E402
 
-TEACHER, STUDENT = "resnet34", "shufflenet_v2_x0_5"
+TEACHER, STUDENT = "resnet18", "shufflenet_v2_x0_5"
 
 
 def build(run: str, teacher_ckpt: str | None, epochs: int) -> tuple[ClassificationDistillationModule, list]:
@@ -66,12 +66,14 @@ def build(run: str, teacher_ckpt: str | None, epochs: int) -> tuple[Classificati
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data-dir", required=True, help="folder holding the extracted cifar10.tar.gz")
     parser.add_argument("--run", choices=["teacher", "student", "kd", "dkd"], required=True)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--train-batches", type=int, default=120, help="random batches of 128 per epoch")
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--train-batches", type=int, default=100, help="random batches of 128 per epoch")
     parser.add_argument("--teacher", help="teacher checkpoint for kd / dkd")
     parser.add_argument("--out-dir", default="runs/evidence")
     parser.add_argument("--threads", type=int, default=2)

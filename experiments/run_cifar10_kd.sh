@@ -8,7 +8,7 @@ out=${OUT_DIR:-runs/evidence}
 py=${PYTHON:-python}
 mkdir -p "$data" "$out"
 [ -d "$data/cifar10" ] || tar -xzf "$tarball" -C "$data"
-[ -f "$out/teacher_seed0.ckpt" ] || $py experiments/cifar10_kd.py --data-dir "$data" --run teacher --seed 0 --epochs 12 --train-batches 160 --out-dir "$out"
+[ -f "$out/teacher_seed0.ckpt" ] || $py experiments/cifar10_kd.py --data-dir "$data" --run teacher --seed 0 --epochs 6 --train-batches 120 --out-dir "$out"
 for seed in 0 1 2; do
   for run in student kd dkd; do
     $py experiments/cifar10_kd.py --data-dir "$data" --run "$run" --seed "$seed" --teacher "$out/teacher_seed0.ckpt" --out-dir "$out"

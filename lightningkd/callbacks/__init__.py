@@ -1,6 +1,7 @@
 """Lightning callbacks for distillation runs."""
 
+from lightningkd.callbacks.centers import NDClassCenters
 from lightningkd.callbacks.summary import MetricsSummary
 from lightningkd.callbacks.warmup import KDWeightWarmup
 
-__all__ = ["KDWeightWarmup", "MetricsSummary"]
+__all__ = ["KDWeightWarmup", "MetricsSummary", "NDClassCenters"]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import timm
 import torchvision
 from torch import nn
@@ -14,7 +12,7 @@ from lightningkd.models.weights import load_weights
 def classifier(
     name: str,
     num_classes: int = 1000,
-    checkpoint: str | os.PathLike | None = None,
+    checkpoint: str | None = None,
     small_input: bool = False,
     library: str = "auto",
 ) -> nn.Module:

@@ -1,0 +1,115 @@
+"""Execute every notebook under ``notebooks/`` and check what it printed.
+
+The notebooks run in a Jupyter kernel started from *this* interpreter (a kernel spec written to a temporary
+folder, so an installed ``python3`` spec pointing elsewhere cannot be picked up), with the repository root
+first on ``PYTHONPATH`` (the checkout is what gets tested) and a temporary working directory (nothing is
+written into the repository).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+KERNEL = "lightningkd-tests"
+PROBE = "import sys\nprint('kernel prefix:', sys.prefix)"
+
+
+def _outputs_text(cell: nbformat.NotebookNode) -> str:
+    """The printed text of a code cell (stdout streams and text/plain results)."""
+    parts = []
+    for out in cell.get("outputs", []):
+        if out.get("output_type") == "stream":
+            parts.append(out.get("text", ""))
+        elif "data" in out:
+            parts.append(out["data"].get("text/plain", ""))
+    return "".join(parts)
+
+
+def _repo_files() -> set[str]:
+    """Top-level entries of the repository and of notebooks/ (where a careless run would write)."""
+    return {p.name for p in ROOT.iterdir()} | {f"notebooks/{p.name}" for p in (ROOT / "notebooks").iterdir()}
+
+
+def _kernel_manager(tmp_path: Path) -> AsyncKernelManager:
+    spec_dir = tmp_path / "kernels" / KERNEL
+    spec_dir.mkdir(parents=True)
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "lightningkd tests",
+        "language": "python",
+    }
+    (spec_dir / "kernel.json").write_text(json.dumps(spec))
+    specs = KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")], ensure_native_kernel=False)
+    return AsyncKernelManager(kernel_name=KERNEL, kernel_spec_manager=specs)
+
+
+def execute(path: Path, tmp_path: Path) -> tuple[nbformat.NotebookNode, str]:
+    """Run the notebook at ``path`` in ``tmp_path``; return it executed and the kernel's ``sys.prefix``."""
+    nb = nbformat.read(path, as_version=4)
+    nb.cells.insert(0, nbformat.v4.new_code_cell(PROBE))
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env["MPLBACKEND"] = "Agg"
+    client = NotebookClient(
+        nb,
+        timeout=600,
+        kernel_name=KERNEL,
+        km=_kernel_manager(tmp_path),
+        resources={"metadata": {"path": str(workdir)}},
+    )
+    # raises CellExecutionError (with the cell and its traceback) on any error; always shuts the kernel down
+    client.execute(env=env, cleanup_kc=True)
+    probe = _outputs_text(nb.cells.pop(0))
+    return nb, probe.split("kernel prefix:", 1)[1].strip()
+
+
+def test_notebooks_exist() -> None:
+    assert NOTEBOOKS, f"no notebooks found under {ROOT / 'notebooks'}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_is_stored_without_outputs(path: Path) -> None:
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "code":
+            assert cell.outputs == [], f"{path.name}: code cell {i} has stored outputs; strip them"
+            assert cell.execution_count is None, f"{path.name}: code cell {i} has an execution count"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_runs(path: Path, tmp_path: Path) -> None:
+    before = _repo_files()
+    nb, prefix = execute(path, tmp_path)
+    assert Path(prefix).resolve() == Path(sys.prefix).resolve(), "the kernel did not run this interpreter"
+    assert _repo_files() <= before, f"the notebook wrote into the repository: {_repo_files() - before}"
+    text = "\n".join(_outputs_text(c) for c in nb.cells if c.cell_type == "code")
+    if path.name == "01_quickstart.ipynb":
+        check_quickstart(text)
+
+
+def check_quickstart(text: str) -> None:
+    """The quickstart printed its comparison table and reloaded the exported student strictly."""
+    rows = {}
+    for name in ("teacher", "student alone", "student distilled"):
+        match = re.search(rf"^{name}\s+([0-9.]+)\s*$", text, flags=re.MULTILINE)
+        assert match, f"no '{name}' row in the comparison table; the notebook printed:\n{text[-3000:]}"
+        rows[name] = float(match.group(1))
+        assert 0.0 <= rows[name] <= 1.0, f"{name}: val/acc1 {rows[name]} is not in [0, 1]"
+    # the synthetic set is learnable: a trained teacher is far above chance (0.1 for 10 classes)
+    assert rows["teacher"] > 0.5, rows
+    assert "strict reload: OK" in text

@@ -1,0 +1,85 @@
+"""Every recipe parses and runs a fast_dev_run on the synthetic set; trainer fragments compose with it."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from lightning.pytorch.cli import LightningCLI
+
+from lightningkd.cli import lightning_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("classification/**/*.yaml"))
+FRAGMENTS = sorted((ROOT / "recipes" / "trainer").glob("*.yaml"))
+
+
+def synthetic_overrides(recipe: Path) -> list[str]:
+    """Swap the recipe's data for the synthetic set (same classes) and drop the teacher checkpoint."""
+    spec = yaml.safe_load(recipe.read_text())
+    init = spec["model"]["init_args"]
+    num_classes = init["num_classes"]
+    image_size = 64 if num_classes > 100 else 32  # ImageNet recipes: small images keep CPU time low
+    data = {
+        "class_path": "datamodules.SyntheticClassificationDataModule",
+        "init_args": {
+            "num_classes": num_classes,
+            "image_size": image_size,
+            "train_size": max(64, num_classes),  # ND's class centres need every class once
+            "val_size": 16,
+            "batch_size": 4,
+        },
+    }
+    args = ["--data", json.dumps(data), "--trainer.fast_dev_run=1", "--trainer.accelerator=cpu"]
+    args += ["--trainer.devices=1"]  # loggers write under the test's working directory
+    if init.get("teacher"):
+        teacher = init["teacher"]
+        teacher_args = {**teacher["init_args"], "checkpoint": None}
+        args += ["--model.init_args.teacher", json.dumps({**teacher, "init_args": teacher_args})]
+    return args
+
+
+def test_recipes_exist_for_every_classification_distiller() -> None:
+    methods = {p.parent.name for p in RECIPES}
+    assert {"kd", "dkd", "dist", "fitnet", "at", "nd", "rkd", "teacher"} <= methods
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT / "recipes")))
+def test_recipe_fast_dev_run_on_synthetic_data(recipe: Path, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cli = lightning_cli(["fit", "--config", str(recipe), *synthetic_overrides(recipe)])
+    assert cli.trainer.state.finished
+    assert cli.trainer.global_step == 1
+    assert {"train/loss", "train/task_loss"} <= set(cli.trainer.callback_metrics)
+    for d in cli.model.distillers:
+        assert f"train/kd/{d.name}" in cli.trainer.callback_metrics
+
+
+class ParseOnlyCLI(LightningCLI):
+    def instantiate_classes(self) -> None:  # parse and validate the config, build nothing
+        pass
+
+
+@pytest.mark.parametrize("fragment", FRAGMENTS, ids=lambda p: p.name)
+def test_trainer_fragment_composes_with_a_recipe(fragment: Path) -> None:
+    from lightning.pytorch import LightningDataModule
+
+    from lightningkd.modules import DistillationModule
+
+    recipe = ROOT / "recipes/classification/kd/resnet18_from_resnet50_cifar100.yaml"
+    cli = ParseOnlyCLI(
+        DistillationModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        run=False,
+        args=["--config", str(recipe), "--config", str(fragment)],
+    )
+    expected = yaml.safe_load(fragment.read_text())["trainer"]
+    for key, value in expected.items():
+        got = cli.config["trainer"][key]
+        if isinstance(value, dict):
+            assert got["class_path"] == value["class_path"]
+        else:
+            assert got == value, key
