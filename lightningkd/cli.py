@@ -20,6 +20,8 @@ from collections.abc import Sequence
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
+from jsonargparse import ArgumentParser  # noqa: E402
 from lightning.pytorch import LightningDataModule  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
@@ -65,13 +67,33 @@ def _layers(argv: Sequence[str]) -> None:
         model = classifier(ns.model, num_classes=ns.num_classes, small_input=ns.small_input)
         print(describe_layers(model, example))
         return
-    config_args = [a for path in ns.config for a in ("--config", path)]
-    module = lightning_cli(config_args, run=False).model
+    module = _model_from_configs(ns.config)
     for who in ("student", "teacher"):
         model = getattr(module, who)
         if model is not None:
             print(f"== {who}: {type(model).__name__}")
             print(describe_layers(model, example))
+
+
+def _model_from_configs(paths: Sequence[str]) -> DistillationModule:
+    """Build only the ``model:`` section of one or more recipes (later files override earlier ones)."""
+    merged: dict = {}
+    for path in paths:
+        with open(path) as f:
+            _deep_update(merged, (yaml.safe_load(f) or {}).get("model", {}))
+    if not merged:
+        raise ValueError(f"No 'model:' section in {list(paths)}.")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--model", type=DistillationModule)
+    return parser.instantiate_classes(parser.parse_object({"model": merged})).model
+
+
+def _deep_update(base: dict, update: dict) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
 
 
 def _export(argv: Sequence[str]) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 import timm
 import torchvision
 from torch import nn
@@ -45,7 +47,7 @@ def classifier(
     elif library in ("auto", "timm") and timm.is_model(name):
         model = timm.create_model(name, pretrained=False, num_classes=num_classes)
     else:
-        close = sorted(n for n in tv_names | set(timm.list_models()) if name.split("_")[0] in n)[:20]
+        close = difflib.get_close_matches(name, sorted(tv_names | set(timm.list_models())), n=10, cutoff=0.6)
         raise ValueError(
             f"Unknown classifier {name!r} for library={library!r}. Names are torchvision's "
             f"(torchvision.models.list_models()) or timm's (timm.list_models()). Similar names: {close}"
