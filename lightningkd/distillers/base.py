@@ -56,6 +56,14 @@ class Distiller(nn.Module, abc.ABC):
     def forward(self, student: Features, teacher: Features, batch: Mapping[str, Any] | None = None) -> Tensor:
         """Return the unweighted 0-dim loss from the student's and teacher's features."""
 
+    def read_pair(self, student: Features, teacher: Features) -> tuple[Tensor, Tensor]:
+        """The student's and teacher's features of a one-layer distiller (its first named layers)."""
+        who = type(self).__name__
+        return (
+            require(student, self.student_layers[0], who, "student"),
+            require(teacher, self.teacher_layers[0], who, "teacher"),
+        )
+
     def extra_repr(self) -> str:
         return f"weight={self.weight}, name={self.name!r}"
 

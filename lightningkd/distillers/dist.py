@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-from lightningkd.distillers.base import OUTPUT, Distiller, Features, require
+from lightningkd.distillers.base import OUTPUT, Distiller, Features
 from lightningkd.functional.dist import dist_loss
 
 
@@ -63,8 +63,7 @@ class DIST(Distiller):
         self.teacher_layers = (teacher_layer,)
 
     def forward(self, student: Features, teacher: Features, batch: Mapping[str, Any] | None = None) -> Tensor:
-        s = require(student, self.student_layers[0], "DIST", "student")
-        t = require(teacher, self.teacher_layers[0], "DIST", "teacher")
+        s, t = self.read_pair(student, teacher)
         return dist_loss(s, t, self.beta, self.gamma, self.temperature)
 
     def extra_repr(self) -> str:

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-from lightningkd.distillers.base import OUTPUT, Distiller, Features, require, require_labels
+from lightningkd.distillers.base import OUTPUT, Distiller, Features, require_labels
 from lightningkd.functional.dkd import dkd_loss
 
 
@@ -73,8 +73,7 @@ class DKD(Distiller):
         self.teacher_layers = (teacher_layer,)
 
     def forward(self, student: Features, teacher: Features, batch: Mapping[str, Any] | None = None) -> Tensor:
-        s = require(student, self.student_layers[0], "DKD", "student")
-        t = require(teacher, self.teacher_layers[0], "DKD", "teacher")
+        s, t = self.read_pair(student, teacher)
         target = require_labels(batch, "DKD")
         return dkd_loss(s, t, target, self.alpha, self.beta, self.temperature)
 

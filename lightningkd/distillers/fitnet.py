@@ -8,7 +8,7 @@ from typing import Any
 from torch import Tensor
 
 from lightningkd.adapters import ConvAdapter, match_spatial
-from lightningkd.distillers.base import Distiller, Features, require
+from lightningkd.distillers.base import Distiller, Features
 from lightningkd.functional.fitnet import fitnet_loss
 
 FITNET_RESIZE_MODES = ("bilinear", "bicubic", "nearest", "area", "pool")
@@ -94,8 +94,7 @@ class FitNet(Distiller):
         self.regressor = ConvAdapter(student_channels, teacher_channels, kernel_size=kernel_size, relu=relu)
 
     def forward(self, student: Features, teacher: Features, batch: Mapping[str, Any] | None = None) -> Tensor:
-        s = require(student, self.student_layers[0], "FitNet", "student")
-        t = require(teacher, self.teacher_layers[0], "FitNet", "teacher")
+        s, t = self.read_pair(student, teacher)
         if s.ndim != 4 or t.ndim != 4:
             raise ValueError(
                 f"FitNet expects (N, C, H, W) feature maps, got student {tuple(s.shape)} and teacher "

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-from lightningkd.distillers.base import OUTPUT, Distiller, Features, require
+from lightningkd.distillers.base import OUTPUT, Distiller, Features
 from lightningkd.functional.kd import kd_loss
 
 
@@ -50,6 +50,5 @@ class KD(Distiller):
         self.teacher_layers = (teacher_layer,)
 
     def forward(self, student: Features, teacher: Features, batch: Mapping[str, Any] | None = None) -> Tensor:
-        s = require(student, self.student_layers[0], "KD", "student")
-        t = require(teacher, self.teacher_layers[0], "KD", "teacher")
+        s, t = self.read_pair(student, teacher)
         return kd_loss(s, t, self.temperature)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from lightningkd.adapters import flatten_embedding
-from lightningkd.distillers.base import Distiller, Features, require, require_labels
+from lightningkd.distillers.base import Distiller, Features, require_labels
 from lightningkd.functional.nd import nd_loss
 
 
@@ -145,8 +145,7 @@ class ND(Distiller):
                 "ND.set_centers(lightningkd.distillers.nd.class_centers(teacher, train_loader, layer, "
                 "num_classes)), or add the lightningkd.callbacks.NDClassCenters callback to the Trainer."
             )
-        s = flatten_embedding(require(student, self.student_layers[0], "ND", "student"))
-        t = flatten_embedding(require(teacher, self.teacher_layers[0], "ND", "teacher"))
+        s, t = (flatten_embedding(x) for x in self.read_pair(student, teacher))
         labels = require_labels(batch, "ND")
         if s.shape[1] != self.student_dim or t.shape[1] != self.teacher_dim or s.shape[0] != t.shape[0]:
             raise ValueError(

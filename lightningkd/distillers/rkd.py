@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-from lightningkd.distillers.base import Distiller, Features, require
+from lightningkd.distillers.base import Distiller, Features
 from lightningkd.functional.rkd import rkd_loss
 
 
@@ -65,8 +65,7 @@ class RKD(Distiller):
         self.teacher_layers = (teacher_layer,)
 
     def forward(self, student: Features, teacher: Features, batch: Mapping[str, Any] | None = None) -> Tensor:
-        s = require(student, self.student_layers[0], "RKD", "student")
-        t = require(teacher, self.teacher_layers[0], "RKD", "teacher")
+        s, t = self.read_pair(student, teacher)
         return rkd_loss(s, t, self.distance_weight, self.angle_weight)
 
     def extra_repr(self) -> str:
