@@ -62,8 +62,12 @@ def execute(path: Path, tmp_path: Path) -> tuple[nbformat.NotebookNode, str]:
     workdir = tmp_path / "run"
     workdir.mkdir()
     env = dict(os.environ)
+    # the checkout is what is tested (an editable install made before a package existed can miss it)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     env["MPLBACKEND"] = "Agg"
+    # OpenMP threads that spin while they wait make torch on a shared, busy CPU 10-30x slower; passive
+    # waiting costs little on an idle machine
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     client = NotebookClient(
         nb,
         timeout=600,
