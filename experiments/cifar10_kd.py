@@ -11,7 +11,8 @@ Setting (chosen so that the 10 runs fit in well under an hour on 2 CPU cores; se
     optim    SGD momentum 0.9, lr 0.05 (nesterov off), weight decay 5e-4, cosine schedule to 0
     KD       0.1 * CE + 0.9 * KD(T = 4)                       (mdistiller CIFAR setting)
     DKD      1.0 * CE + DKD(alpha 1, beta 8, T 4), linear warm-up over the first 1/12 of the steps
-             (mdistiller: 20 of 240 epochs)
+             (mdistiller: 20 of 240 epochs); ``--dkd-beta 2`` gives mdistiller's beta for its smallest
+             CIFAR pair (res56 -> res20), reported as a second DKD row
 
 Usage:
     python experiments/cifar10_kd.py --data-dir /tmp/cifar10 --run teacher --seed 0
@@ -42,7 +43,7 @@ TEACHER, STUDENT = "resnet18", "shufflenet_v2_x0_5"
 
 
 def build(
-    run: str, teacher_ckpt: str | None, epochs: int, steps: int
+    run: str, teacher_ckpt: str | None, epochs: int, steps: int, dkd_beta: float = 8.0
 ) -> tuple[ClassificationDistillationModule, list]:
     student = classifier(TEACHER if run == "teacher" else STUDENT, num_classes=10)
     teacher, distillers, task_weight, callbacks = None, [], 1.0, []
@@ -53,7 +54,7 @@ def build(
     if run == "kd":
         distillers, task_weight = [KD(temperature=4.0, weight=0.9)], 0.1
     elif run == "dkd":
-        distillers = [DKD(alpha=1.0, beta=8.0, temperature=4.0)]
+        distillers = [DKD(alpha=1.0, beta=dkd_beta, temperature=4.0)]
         # mdistiller ramps DKD over 20 of 240 epochs; the same fraction of this short run, counted in steps
         callbacks.append(KDWeightWarmup(steps=max(1, round(steps * 20 / 240))))
     module = ClassificationDistillationModule(
@@ -78,15 +79,24 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--train-batches", type=int, default=100, help="random batches of 128 per epoch")
     parser.add_argument("--teacher", help="teacher checkpoint for kd / dkd")
+    parser.add_argument(
+        "--dkd-beta",
+        type=float,
+        default=8.0,
+        help="DKD beta (mdistiller: 8 for res32x4->res8x4, 2 for res56->res20)",
+    )
     parser.add_argument("--out-dir", default="runs/evidence")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     L.seed_everything(args.seed, workers=True)
-    module, callbacks = build(args.run, args.teacher, args.epochs, args.epochs * args.train_batches)
+    module, callbacks = build(
+        args.run, args.teacher, args.epochs, args.epochs * args.train_batches, args.dkd_beta
+    )
     data = CIFAR10DataModule(args.data_dir, batch_size=128, num_workers=2)
-    name = f"{args.run}_seed{args.seed}"
+    label = args.run if args.run != "dkd" or args.dkd_beta == 8.0 else f"dkd_beta{args.dkd_beta:g}"
+    name = f"{label}_seed{args.seed}"
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=args.out_dir, filename=name, enable_version_counter=False
     )
@@ -102,7 +112,7 @@ def main() -> None:
     start = time.time()
     trainer.fit(module, datamodule=data)
     result = {
-        "run": args.run,
+        "run": label,
         "seed": args.seed,
         "epochs": args.epochs,
         "train_batches": args.train_batches,

@@ -13,5 +13,6 @@ for seed in 0 1 2; do
   for run in student kd dkd; do
     $py experiments/cifar10_kd.py --data-dir "$data" --run "$run" --seed "$seed" --teacher "$out/teacher_seed0.ckpt" --out-dir "$out"
   done
+  $py experiments/cifar10_kd.py --data-dir "$data" --run dkd --dkd-beta 2 --seed "$seed" --teacher "$out/teacher_seed0.ckpt" --out-dir "$out"
 done
 $py experiments/summarize.py "$out/results.jsonl"

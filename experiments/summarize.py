@@ -11,7 +11,7 @@ for row in rows:
     groups[row["run"]].append(100 * row["val_acc1"])
 print("| run | seeds | top-1 (%) mean +- std |")
 print("|---|---|---|")
-for run in ("teacher", "student", "kd", "dkd"):
+for run in ("teacher", "student", "kd", "dkd", *sorted(k for k in groups if k.startswith("dkd_"))):
     acc = groups.get(run, [])
     if acc:
         std = statistics.stdev(acc) if len(acc) > 1 else 0.0
