@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 from typing import Literal
 
 import lightning as L
@@ -23,7 +24,7 @@ _STAGE_SPLITS: dict[str | None, tuple[Split, ...]] = {
 }
 
 
-class BaseClassificationDataModule(L.LightningDataModule):
+class BaseClassificationDataModule(L.LightningDataModule, abc.ABC):
     """Splits, loaders and the common attributes of the classification datamodules.
 
     Subclasses set ``num_classes``, ``classes``, ``mean`` and ``std`` in ``__init__`` and implement
@@ -54,9 +55,9 @@ class BaseClassificationDataModule(L.LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
 
+    @abc.abstractmethod
     def _build(self, split: Split) -> Dataset:
         """Create the dataset of ``split`` (called at most once per split)."""
-        raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets that ``stage`` needs (``fit``: train and val; ``test``/``predict``: test)."""
