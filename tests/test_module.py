@@ -200,3 +200,15 @@ def test_training_without_teacher_is_a_plain_run(tmp_path) -> None:
     t = trainer(tmp_path, max_steps=2, enable_checkpointing=False)
     t.fit(module, toy_loader(), toy_loader())
     assert "val/acc1" in t.callback_metrics and "val/teacher_acc1" not in t.callback_metrics
+
+
+def test_label_smoothing_matches_the_definition() -> None:
+    module = ClassificationDistillationModule(toy_classifier(), None, num_classes=3, label_smoothing=0.3)
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
+    target = torch.tensor([0, 1])
+    log_p = logits.log_softmax(dim=1)
+    soft = torch.full((2, 3), 0.3 / 3) + 0.7 * torch.nn.functional.one_hot(target, 3)  # (1 - e) y + e / K
+    expected = -(soft * log_p).sum(dim=1).mean()
+    torch.testing.assert_close(module.task_loss(logits, {"target": target}), expected)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        ClassificationDistillationModule(toy_classifier(), None, num_classes=3, label_smoothing=1.0)

@@ -487,3 +487,45 @@ def test_real_cifar10_image_folder(real_cifar10: Path) -> None:
     assert images.shape == (64, 3, 32, 32) and images.dtype == torch.float32
     assert labels.shape == (64,) and labels.dtype == torch.int64 and 0 <= labels.min() <= labels.max() < 10
     assert abs(images.mean().item()) < 0.5  # normalised with the CIFAR-10 statistics
+
+
+@pytest.mark.slow
+def test_real_cifar10_distillation_steps(real_cifar10: Path, tmp_path: Path) -> None:
+    """A few real KD + DKD training steps and a validation pass on CIFAR-10 through the Trainer."""
+    import functools
+
+    import lightning as L
+
+    from lightningkd.distillers import DKD, KD
+    from lightningkd.models import classifier
+    from lightningkd.modules import ClassificationDistillationModule
+
+    L.seed_everything(0)
+    module = ClassificationDistillationModule(
+        classifier("shufflenet_v2_x0_5", num_classes=10),
+        classifier("resnet18", num_classes=10),
+        [KD(temperature=4.0), DKD()],
+        num_classes=10,
+        optimizer=functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9),
+    )
+    losses: list[float] = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            losses.append(float(outputs["loss"]))
+
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=8,
+        limit_val_batches=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[Record()],
+    )
+    trainer.fit(module, datamodule=CIFAR10DataModule(real_cifar10, batch_size=32, num_workers=2))
+    assert trainer.global_step == 8 and len(losses) == 8
+    assert all(np.isfinite(losses))
+    assert {"train/kd/kd", "train/kd/dkd", "val/acc1", "val/teacher_acc1"} <= set(trainer.callback_metrics)
