@@ -4,6 +4,12 @@ Classification: :class:`SyntheticClassificationDataModule` (in memory, no downlo
 :class:`CIFAR10DataModule` / :class:`CIFAR100DataModule` (official python pickles or ImageFolder),
 :class:`ImageFolderDataModule` and :class:`ImageNetDataModule`. Batches are ``(images, labels)``:
 ``float32`` ``(N, 3, H, W)`` normalised with the module's ``mean``/``std`` and ``int64`` ``(N,)``.
+
+Segmentation: :class:`SyntheticSegmentationDataModule` and :class:`CamVidDataModule` (SegNet layout); batches
+are ``(images, masks)`` with ``int64`` masks ``(N, H, W)`` holding the ignore index where unlabelled.
+Detection: :class:`SyntheticDetectionDataModule`, :class:`COCODetectionDataModule` (pycocotools) and
+:class:`VOCDetectionDataModule` (VOC XML); batches are ``(list of images, list of target dicts)`` in the
+torchvision detection format (``boxes`` xyxy ``float32``, ``labels`` ``int64``, 0 is background).
 """
 
 import os
@@ -13,7 +19,36 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # before albumentations 
 from datamodules.base import BaseClassificationDataModule  # noqa: E402
 from datamodules.cifar import CIFAR10DataModule, CIFAR100DataModule  # noqa: E402
 from datamodules.datasets import ArrayDataset, ImageFileDataset, read_image  # noqa: E402
+from datamodules.detection import (  # noqa: E402
+    COCODetectionDataModule,
+    DetectionDataset,
+    DetectionRecord,
+    ResizeMinMax,
+    SyntheticDetectionDataModule,
+    VOCDetectionDataModule,
+    collate_detection,
+    detection_eval_transform,
+    detection_train_transform,
+    load_coco_records,
+    load_voc_records,
+    to_coco_detections,
+    to_coco_ground_truth,
+)
 from datamodules.imagefolder import ImageFolderDataModule, ImageNetDataModule  # noqa: E402
+from datamodules.seg_transforms import seg_eval_transform, seg_train_transform  # noqa: E402
+from datamodules.segmentation import (  # noqa: E402
+    CAMVID_CLASSES,
+    CAMVID_PALETTE,
+    SYNTHETIC_SEG_MEAN,
+    SYNTHETIC_SEG_STD,
+    BaseSegmentationDataModule,
+    CamVidDataModule,
+    SegmentationFileDataset,
+    SyntheticSegmentationDataModule,
+    collate_segmentation,
+    read_mask,
+    synthetic_segmentation,
+)
 from datamodules.synthetic import SyntheticClassificationDataModule  # noqa: E402
 from datamodules.transforms import (  # noqa: E402
     CIFAR10_MEAN,
@@ -29,6 +64,32 @@ from datamodules.transforms import (  # noqa: E402
 )
 
 __all__ = [
+    "COCODetectionDataModule",
+    "DetectionDataset",
+    "DetectionRecord",
+    "ResizeMinMax",
+    "SyntheticDetectionDataModule",
+    "VOCDetectionDataModule",
+    "collate_detection",
+    "detection_eval_transform",
+    "detection_train_transform",
+    "load_coco_records",
+    "load_voc_records",
+    "to_coco_detections",
+    "to_coco_ground_truth",
+    "seg_eval_transform",
+    "seg_train_transform",
+    "CAMVID_CLASSES",
+    "CAMVID_PALETTE",
+    "SYNTHETIC_SEG_MEAN",
+    "SYNTHETIC_SEG_STD",
+    "BaseSegmentationDataModule",
+    "CamVidDataModule",
+    "SegmentationFileDataset",
+    "SyntheticSegmentationDataModule",
+    "collate_segmentation",
+    "read_mask",
+    "synthetic_segmentation",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
     "CIFAR100_MEAN",
