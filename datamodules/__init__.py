@@ -5,7 +5,8 @@ Classification: :class:`SyntheticClassificationDataModule` (in memory, no downlo
 :class:`ImageFolderDataModule` and :class:`ImageNetDataModule`. Batches are ``(images, labels)``:
 ``float32`` ``(N, 3, H, W)`` normalised with the module's ``mean``/``std`` and ``int64`` ``(N,)``.
 
-Segmentation: :class:`SyntheticSegmentationDataModule` and :class:`CamVidDataModule` (SegNet layout); batches
+Segmentation: :class:`SyntheticSegmentationDataModule` and :class:`CamVidDataModule` (SegNet layout), :class:`CityscapesDataModule`,
+:class:`ADE20KDataModule` and :class:`VOCSegmentationDataModule` (optionally with SBD); batches
 are ``(images, masks)`` with ``int64`` masks ``(N, H, W)`` holding the ignore index where unlabelled.
 Detection: :class:`SyntheticDetectionDataModule`, :class:`COCODetectionDataModule` (pycocotools) and
 :class:`VOCDetectionDataModule` (VOC XML); batches are ``(list of images, list of target dicts)`` in the
@@ -35,6 +36,22 @@ from datamodules.detection import (  # noqa: E402
     to_coco_ground_truth,
 )
 from datamodules.imagefolder import ImageFolderDataModule, ImageNetDataModule  # noqa: E402
+from datamodules.seg_sets import (  # noqa: E402
+    ADE20K_CLASSES,
+    ADE20K_PALETTE,
+    CITYSCAPES_CLASSES,
+    CITYSCAPES_ID_TO_TRAINID,
+    CITYSCAPES_PALETTE,
+    VOC_CLASSES,
+    VOC_PALETTE,
+    ADE20KDataModule,
+    CityscapesDataModule,
+    LabelMappedSegmentationDataset,
+    VOCSegmentationDataModule,
+    ade20k_lut,
+    cityscapes_lut,
+    voc_colormap,
+)
 from datamodules.seg_transforms import seg_eval_transform, seg_train_transform  # noqa: E402
 from datamodules.segmentation import (  # noqa: E402
     CAMVID_CLASSES,
@@ -64,6 +81,20 @@ from datamodules.transforms import (  # noqa: E402
 )
 
 __all__ = [
+    "CityscapesDataModule",
+    "ADE20KDataModule",
+    "VOCSegmentationDataModule",
+    "LabelMappedSegmentationDataset",
+    "CITYSCAPES_CLASSES",
+    "CITYSCAPES_PALETTE",
+    "CITYSCAPES_ID_TO_TRAINID",
+    "ADE20K_CLASSES",
+    "ADE20K_PALETTE",
+    "VOC_CLASSES",
+    "VOC_PALETTE",
+    "cityscapes_lut",
+    "ade20k_lut",
+    "voc_colormap",
     "COCODetectionDataModule",
     "DetectionDataset",
     "DetectionRecord",
