@@ -15,6 +15,7 @@ regions, ``iscrowd=1``), and :func:`to_coco_detections` maps predictions back to
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import io
 import warnings
@@ -576,7 +577,7 @@ _STAGE_SPLITS: dict[str | None, tuple[Split, ...]] = {
 }
 
 
-class BaseDetectionDataModule(L.LightningDataModule):
+class BaseDetectionDataModule(L.LightningDataModule, abc.ABC):
     """Splits and loaders shared by the detection datamodules.
 
     Attributes set by subclasses: ``classes`` (foreground names; label ``i`` is ``classes[i - 1]``),
@@ -606,8 +607,9 @@ class BaseDetectionDataModule(L.LightningDataModule):
         """Number of foreground classes (labels ``1..num_classes``; 0 is background)."""
         return len(self.classes)
 
+    @abc.abstractmethod
     def _build(self, split: Split) -> DetectionDataset:
-        raise NotImplementedError
+        """Create the dataset of ``split`` (called at most once per split)."""
 
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets that ``stage`` needs."""
