@@ -17,7 +17,7 @@ import os
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # before albumentations is imported: no version check
 
-from datamodules.base import BaseClassificationDataModule  # noqa: E402
+from datamodules.base import BaseClassificationDataModule, BaseDataModule  # noqa: E402
 from datamodules.cifar import CIFAR10DataModule, CIFAR100DataModule  # noqa: E402
 from datamodules.datasets import ArrayDataset, ImageFileDataset, read_image  # noqa: E402
 from datamodules.detection import (  # noqa: E402
@@ -129,6 +129,7 @@ __all__ = [
     "IMAGENET_STD",
     "ArrayDataset",
     "BaseClassificationDataModule",
+    "BaseDataModule",
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "ImageFileDataset",

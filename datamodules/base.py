@@ -1,4 +1,4 @@
-"""Shared LightningDataModule plumbing for the classification datamodules (splits and loaders)."""
+"""Shared LightningDataModule plumbing of every datamodule (splits and loaders)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.datasets import collate_classification, seed_worker
 
-__all__ = ["BaseClassificationDataModule", "Split"]
+__all__ = ["BaseClassificationDataModule", "BaseDataModule", "Split"]
 
 Split = Literal["train", "val", "test"]
 
@@ -24,21 +24,20 @@ _STAGE_SPLITS: dict[str | None, tuple[Split, ...]] = {
 }
 
 
-class BaseClassificationDataModule(L.LightningDataModule, abc.ABC):
-    """Splits, loaders and the common attributes of the classification datamodules.
+class BaseDataModule(L.LightningDataModule, abc.ABC):
+    """Splits and loaders shared by the classification, segmentation and detection datamodules.
 
-    Subclasses set ``num_classes``, ``classes``, ``mean`` and ``std`` in ``__init__`` and implement
-    :meth:`_build`. Batches are ``(images, labels)`` tuples: ``float32`` ``(N, 3, H, W)`` normalised
-    with ``mean``/``std`` and ``int64`` ``(N,)``. The train loader shuffles and drops the last
-    incomplete batch; memory is pinned when CUDA is available and workers persist across epochs when
-    ``num_workers > 0``. ``predict_dataloader`` serves the test split (with its labels).
+    Subclasses set ``classes``, ``mean`` and ``std``, implement :meth:`_build` and name the batch
+    assembly in :attr:`collate_fn`. The train loader shuffles and drops the last incomplete batch;
+    memory is pinned when CUDA is available and workers persist across epochs when ``num_workers > 0``.
+    ``predict_dataloader`` serves the test split (with its labels).
 
     Args:
         batch_size: samples per batch (per device under DDP).
         num_workers: DataLoader worker processes (0 loads in the main process).
     """
 
-    num_classes: int
+    collate_fn = staticmethod(collate_classification)
     classes: list[str]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
@@ -83,7 +82,7 @@ class BaseClassificationDataModule(L.LightningDataModule, abc.ABC):
             shuffle=train,
             drop_last=train,
             num_workers=self.num_workers,
-            collate_fn=collate_classification,
+            collate_fn=self.collate_fn,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
             worker_init_fn=seed_worker,
@@ -102,5 +101,15 @@ class BaseClassificationDataModule(L.LightningDataModule, abc.ABC):
         return self._loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        """The test split, in order, as ``(images, labels)`` batches."""
+        """The test split, in order, batched like the other splits."""
         return self._loader("test")
+
+
+class BaseClassificationDataModule(BaseDataModule):
+    """Base of the classification datamodules: ``(images, labels)`` batches.
+
+    Images are ``float32`` ``(N, 3, H, W)`` normalised with ``mean``/``std``, labels ``int64`` ``(N,)``.
+    Subclasses also set ``num_classes``.
+    """
+
+    num_classes: int

@@ -15,7 +15,6 @@ regions, ``iscrowd=1``), and :func:`to_coco_detections` maps predictions back to
 
 from __future__ import annotations
 
-import abc
 import contextlib
 import io
 import warnings
@@ -27,15 +26,14 @@ from typing import Any
 
 import albumentations as A
 import cv2
-import lightning as L
 import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
-from datamodules.base import Split
-from datamodules.datasets import _seed_from_torch, read_image, seed_worker
+from datamodules.base import BaseDataModule, Split
+from datamodules.datasets import _seed_from_torch, read_image
 from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
@@ -568,16 +566,8 @@ def _synthetic_records(
 # datamodules
 # --------------------------------------------------------------------------------------------------
 
-_STAGE_SPLITS: dict[str | None, tuple[Split, ...]] = {
-    "fit": ("train", "val"),
-    "validate": ("val",),
-    "test": ("test",),
-    "predict": ("test",),
-    None: ("train", "val", "test"),
-}
 
-
-class BaseDetectionDataModule(L.LightningDataModule, abc.ABC):
+class BaseDetectionDataModule(BaseDataModule):
     """Splits and loaders shared by the detection datamodules.
 
     Attributes set by subclasses: ``classes`` (foreground names; label ``i`` is ``classes[i - 1]``),
@@ -589,73 +579,12 @@ class BaseDetectionDataModule(L.LightningDataModule, abc.ABC):
     classes: list[str]
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-
-    def __init__(self, batch_size: int, num_workers: int) -> None:
-        super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.train_set: DetectionDataset | None = None
-        self.val_set: DetectionDataset | None = None
-        self.test_set: DetectionDataset | None = None
+    collate_fn = staticmethod(collate_detection)
 
     @property
     def num_classes(self) -> int:
         """Number of foreground classes (labels ``1..num_classes``; 0 is background)."""
         return len(self.classes)
-
-    @abc.abstractmethod
-    def _build(self, split: Split) -> DetectionDataset:
-        """Create the dataset of ``split`` (called at most once per split)."""
-
-    def setup(self, stage: str | None = None) -> None:
-        """Build the datasets that ``stage`` needs."""
-        if stage not in _STAGE_SPLITS:
-            raise ValueError(f"Unknown stage {stage!r}; expected one of {list(_STAGE_SPLITS)}.")
-        for split in _STAGE_SPLITS[stage]:
-            if getattr(self, f"{split}_set") is None:
-                setattr(self, f"{split}_set", self._build(split))
-
-    def _loader(self, split: Split, train: bool = False) -> DataLoader:
-        dataset = getattr(self, f"{split}_set")
-        if dataset is None:
-            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
-            dataset = getattr(self, f"{split}_set")
-        if train and len(dataset) < self.batch_size:
-            raise ValueError(
-                f"The train split has {len(dataset)} images, fewer than batch_size={self.batch_size}; "
-                "the train loader drops incomplete batches and would be empty."
-            )
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=train,
-            drop_last=train,
-            num_workers=self.num_workers,
-            collate_fn=collate_detection,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-            worker_init_fn=seed_worker,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled, augmented training batches, incomplete last batch dropped."""
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation batches, in order."""
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        """Test batches, in order."""
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        """The test split, in order."""
-        return self._loader("test")
 
 
 class COCODetectionDataModule(BaseDetectionDataModule):

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from datamodules.base import BaseClassificationDataModule, Split
-from datamodules.datasets import _seed_from_torch, read_image, seed_worker
+from datamodules.base import BaseDataModule, Split
+from datamodules.datasets import _seed_from_torch, read_image
 from datamodules.seg_transforms import seg_eval_transform, seg_train_transform
 from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -166,7 +166,7 @@ class SegmentationFileDataset(Dataset):
         return out["image"], torch.as_tensor(out["mask"]).long()
 
 
-class BaseSegmentationDataModule(BaseClassificationDataModule):
+class BaseSegmentationDataModule(BaseDataModule):
     """Splits and loaders of the segmentation datamodules (``(images, masks)`` batches).
 
     Subclasses set ``num_classes``, ``classes``, ``palette``, ``ignore_index``, ``mean`` and ``std``
@@ -177,31 +177,8 @@ class BaseSegmentationDataModule(BaseClassificationDataModule):
     palette: list[tuple[int, int, int]]
     ignore_index: int
 
-    def _loader(self, split: Split, train: bool = False) -> DataLoader:
-        dataset = getattr(self, f"{split}_set")
-        if dataset is None:
-            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
-            dataset = getattr(self, f"{split}_set")
-        if train and len(dataset) < self.batch_size:
-            raise ValueError(
-                f"The train split has {len(dataset)} samples, fewer than batch_size={self.batch_size}; "
-                "the train loader drops incomplete batches and would be empty."
-            )
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=train,
-            drop_last=train,
-            num_workers=self.num_workers,
-            collate_fn=collate_segmentation,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-            worker_init_fn=seed_worker,
-        )
-
-    def predict_dataloader(self) -> DataLoader:
-        """The test split, in order, as ``(images, masks)`` batches."""
-        return self._loader("test")
+    collate_fn = staticmethod(collate_segmentation)
+    num_classes: int
 
 
 # --------------------------------------------------------------------------------------------- CamVid
