@@ -252,7 +252,7 @@ class CityscapesDataModule(_MappedFileDataModule):
     ``ignore_index``. Pre-generated ``*_gtFine_labelTrainIds.png`` files are ignored even when
     present: the ``labelIds`` masks plus the table give the same result without depending on how
     (and with which ``ignore`` value) they were generated. The test split's labels are not public
-    (its ``gtFine/test`` masks are placeholders), so test/predict use val.
+    (its ``gtFine/test`` masks carry no real labels), so test/predict use val.
 
     Training samples get :func:`~datamodules.seg_transforms.seg_train_transform` (random scale,
     pad with ``ignore_index``, random ``crop_size`` crop, flip, colour jitter) when ``augment``;
@@ -349,11 +349,11 @@ _ADE20K_LAYOUT = """Expected the ADE20K SceneParsing layout (ADEChallengeData201
     data_dir/                       (or data_dir = ADEChallengeData2016/ itself)
     └── ADEChallengeData2016/
         ├── images/
-        │   ├── training/ADE_train_XXXXXXXX.jpg      (20210 images)
-        │   └── validation/ADE_val_XXXXXXXX.jpg      (2000 images)
+        │   ├── training/ADE_train_NNNNNNNN.jpg      (20210 images)
+        │   └── validation/ADE_val_NNNNNNNN.jpg      (2000 images)
         └── annotations/
-            ├── training/ADE_train_XXXXXXXX.png      0 = other (ignored), 1..150 = classes
-            └── validation/ADE_val_XXXXXXXX.png"""
+            ├── training/ADE_train_NNNNNNNN.png      0 = other (ignored), 1..150 = classes
+            └── validation/ADE_val_NNNNNNNN.png"""
 
 
 def _read_ade20k_split(root: Path, folder: str) -> tuple[list[Path], list[Path]]:
