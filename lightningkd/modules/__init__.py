@@ -2,5 +2,11 @@
 
 from lightningkd.modules.base import DistillationModule
 from lightningkd.modules.classification import ClassificationDistillationModule
+from lightningkd.modules.segmentation import SegmentationDistillationModule, segmentation_scores
 
-__all__ = ["ClassificationDistillationModule", "DistillationModule"]
+__all__ = [
+    "ClassificationDistillationModule",
+    "DistillationModule",
+    "SegmentationDistillationModule",
+    "segmentation_scores",
+]

@@ -48,6 +48,7 @@ class DistillationModule(L.LightningModule, abc.ABC):
             :class:`lightningkd.teacher.Renormalize` when the teacher was trained with other statistics or
             another resolution). Computed once per batch.
         channels_last: run both models in channels-last memory format (faster convolutions on GPUs).
+        extra_student_layers: student layers a task module taps for itself (e.g. an auxiliary head).
     """
 
     def __init__(
@@ -61,6 +62,7 @@ class DistillationModule(L.LightningModule, abc.ABC):
         lr_scheduler_interval: str = "epoch",
         teacher_input: nn.Module | None = None,
         channels_last: bool = False,
+        extra_student_layers: Sequence[str] = (),
     ) -> None:
         super().__init__()
         distillers = list(distillers)
@@ -88,7 +90,9 @@ class DistillationModule(L.LightningModule, abc.ABC):
         self.channels_last = channels_last
         self.teacher_validated = False
 
-        self.student_tap = FeatureTap(student, [n for d in distillers for n in d.student_layers])
+        self.student_tap = FeatureTap(
+            student, [*extra_student_layers, *(n for d in distillers for n in d.student_layers)]
+        )
         self.teacher_tap = (
             FeatureTap(teacher, [n for d in distillers for n in d.teacher_layers])
             if teacher is not None
@@ -141,6 +145,10 @@ class DistillationModule(L.LightningModule, abc.ABC):
     def task_loss(self, student_output: Any, batch: Mapping[str, Any]) -> Tensor:
         """The supervised loss of the student on the ground truth."""
 
+    def task_loss_from_features(self, student: Features, batch: Mapping[str, Any]) -> Tensor:
+        """The task loss from all tapped student features; override to use more than the output."""
+        return self.task_loss(student[OUTPUT], batch)
+
     # ---- training -----------------------------------------------------------------------------------
     def distillation_losses(
         self, student: Features, teacher: Features, batch: Mapping[str, Any]
@@ -151,7 +159,7 @@ class DistillationModule(L.LightningModule, abc.ABC):
         batch = self.unpack_batch(batch)
         images = self.prepare_images(batch["image"])
         student = self.student_features(images)
-        task = self.task_loss(student[OUTPUT], batch)
+        task = self.task_loss_from_features(student, batch)
         total = self.task_weight * task
         size = images.shape[0]
         self.log("train/task_loss", task, batch_size=size)

@@ -1,0 +1,220 @@
+"""SegmentationDistillationModule: loss, auxiliary head, metrics, sliding-window inference, preview callback."""
+
+import math
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightningkd.callbacks import SegmentationPreview
+from lightningkd.models import TorchvisionSegmenter
+from lightningkd.modules import SegmentationDistillationModule, segmentation_scores
+
+
+class Pointwise(nn.Module):
+    """A 1x1 convolution at half resolution, with an auxiliary 1x1 head run only in training."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        self.head = nn.Conv2d(3, classes, 1)
+        self.aux = nn.Conv2d(3, classes, 1)
+
+    def forward(self, x):
+        x = F.avg_pool2d(x, 2)
+        if self.training:
+            self.aux(x)
+        return self.head(x)
+
+
+class Oracle(nn.Module):
+    """Returns its input as logits: images that one-hot encode a class map are predicted exactly."""
+
+    def forward(self, x):
+        return x
+
+
+def trainer(**kwargs) -> L.Trainer:
+    defaults = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    return L.Trainer(**{**defaults, "enable_model_summary": False, **kwargs})
+
+
+def test_scores_by_hand() -> None:
+    # labels (rows) x predictions (columns); class 2 never appears: its IoU is undefined and left out
+    confusion = torch.tensor([[5, 1, 0], [2, 4, 0], [0, 0, 0]])
+    scores = segmentation_scores(confusion)
+    iou0, iou1 = 5 / (5 + 1 + 2), 4 / (4 + 2 + 1)
+    assert scores["iou"][0].item() == pytest.approx(iou0)
+    assert scores["iou"][1].item() == pytest.approx(iou1)
+    assert math.isnan(scores["iou"][2].item())
+    assert scores["mIoU"].item() == pytest.approx((iou0 + iou1) / 2)
+    assert scores["aAcc"].item() == pytest.approx(9 / 12)
+
+
+def test_task_loss_resizes_logits_and_skips_ignored_pixels() -> None:
+    torch.manual_seed(0)
+    module = SegmentationDistillationModule(Pointwise(), num_classes=3, ignore_index=255)
+    logits = torch.randn(2, 3, 4, 4)
+    target = torch.randint(0, 3, (2, 8, 8))
+    target[:, :2] = 255
+    got = module.task_loss(logits, {"target": target})
+    up = F.interpolate(logits, size=(8, 8), mode="bilinear", align_corners=False)
+    keep = target != 255
+    by_hand = -up.log_softmax(1).gather(1, target.clamp(max=2)[:, None])[:, 0][keep].mean()
+    assert got.item() == pytest.approx(by_hand.item(), rel=1e-6)
+
+
+def test_auxiliary_head_adds_its_weighted_loss() -> None:
+    torch.manual_seed(0)
+    student = Pointwise()
+    module = SegmentationDistillationModule(student, num_classes=3, aux_layer="aux", aux_weight=0.4)
+    images, target = torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 8, 8))
+    features = module.student_features(images)
+    pooled = F.avg_pool2d(images, 2)
+
+    def ce(logits):
+        return F.cross_entropy(F.interpolate(logits, size=(8, 8), mode="bilinear"), target)
+
+    expected = ce(student.head(pooled)) + 0.4 * ce(student.aux(pooled))
+    got = module.task_loss_from_features(features, {"target": target})
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_missing_auxiliary_output_fails_clearly() -> None:
+    module = SegmentationDistillationModule(Pointwise(), num_classes=3, aux_layer="aux")
+    module.student.eval()  # the aux head does not run in eval mode
+    features = module.student_features(torch.randn(1, 3, 8, 8))
+    with pytest.raises(RuntimeError, match="aux_layer 'aux' did not run"):
+        module.task_loss_from_features(features, {"target": torch.zeros(1, 8, 8, dtype=torch.long)})
+
+
+def test_sliding_window_equals_whole_image_for_a_pointwise_model() -> None:
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, 4, 1)
+    images = torch.randn(2, 3, 21, 30)
+    whole = SegmentationDistillationModule(model, num_classes=4).predict_logits(images)
+    slide = SegmentationDistillationModule(
+        model, num_classes=4, inference="slide", crop_size=(8, 12), stride=(5, 7)
+    ).predict_logits(images)
+    torch.testing.assert_close(slide, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_sliding_windows_average_overlaps() -> None:
+    # a model whose logits are the window's own mean: overlapping windows must be averaged
+    class WindowMean(nn.Module):
+        def forward(self, x):
+            return x[:, :1].mean(dim=(2, 3), keepdim=True).expand(-1, 2, *x.shape[-2:])
+
+    images = torch.zeros(1, 3, 1, 6)
+    images[..., :3] = 1.0  # left half ones
+    module = SegmentationDistillationModule(
+        WindowMean(), num_classes=2, inference="slide", crop_size=(1, 4), stride=(1, 2)
+    )
+    # windows: columns 0-3 (mean 0.75) and 2-5 (mean 0.25); columns 2-3 are covered by both
+    expected = torch.tensor([0.75, 0.75, 0.5, 0.5, 0.25, 0.25])
+    torch.testing.assert_close(module.predict_logits(images)[0, 0, 0], expected)
+
+
+def test_eval_scale_feeds_smaller_images_and_scores_full_labels() -> None:
+    seen = []
+
+    class Recorder(nn.Conv2d):
+        def forward(self, x):
+            seen.append(tuple(x.shape[-2:]))
+            return super().forward(x)
+
+    module = SegmentationDistillationModule(Recorder(3, 2, 1), num_classes=2, eval_scale=0.5)
+    out = module.predict_logits(torch.zeros(1, 3, 40, 60))
+    assert seen == [(20, 30)] and out.shape == (1, 2, 40, 60)
+
+
+def one_hot_images(target: torch.Tensor, classes: int) -> torch.Tensor:
+    return F.one_hot(target.clamp(max=classes - 1), classes).permute(0, 3, 1, 2).float()
+
+
+def test_validation_logs_miou_of_student_and_teacher_once() -> None:
+    target = torch.tensor([[[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 2, 9], [2, 2, 2, 9]]])
+    images = one_hot_images(target, 3)
+    # the student predicts class 0 where the truth is 2 in the last row (3 of the 6 class-2 pixels)
+    images_student = images.clone()
+    images_student[0, :, 3, :3] = torch.tensor([1.0, 0.0, 0.0])[:, None]
+
+    class Fixed(nn.Module):
+        def forward(self, x):
+            return images_student.expand(x.shape[0], -1, -1, -1)
+
+    module = SegmentationDistillationModule(
+        Fixed(), Oracle(), num_classes=3, ignore_index=9, class_names=["a", "b", "c"]
+    )
+    loader = DataLoader(TensorDataset(images, target), batch_size=1)
+    t = trainer()
+    metrics = t.validate(module, loader, verbose=False)[0]
+    iou = {"a": 4 / 7, "b": 4 / 4, "c": 3 / 6}  # class a: 4 right + 3 wrong predicted as a
+    for name, value in iou.items():
+        assert metrics[f"val/iou/{name}"] == pytest.approx(value)
+    assert metrics["val/mIoU"] == pytest.approx(sum(iou.values()) / 3)
+    assert metrics["val/aAcc"] == pytest.approx(11 / 14)
+    assert metrics["val/teacher_mIoU"] == pytest.approx(1.0)
+    assert module.teacher_validated
+    again = t.validate(module, loader, verbose=False)[0]
+    assert "val/teacher_mIoU" not in again
+
+
+def test_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="ignore_index 2 is a class index"):
+        SegmentationDistillationModule(Pointwise(), num_classes=3, ignore_index=2)
+    with pytest.raises(ValueError, match="crop_size"):
+        SegmentationDistillationModule(Pointwise(), num_classes=3, inference="slide")
+    with pytest.raises(ValueError, match="class_names has 2 names"):
+        SegmentationDistillationModule(Pointwise(), num_classes=3, class_names=["a", "b"])
+    module = SegmentationDistillationModule(Pointwise(), num_classes=5)
+    with pytest.raises(ValueError, match=r"expected \(N, 5, h, w\)"):
+        module.task_loss(torch.zeros(1, 3, 4, 4), {"target": torch.zeros(1, 8, 8, dtype=torch.long)})
+
+
+def test_torchvision_segmenter_returns_head_resolution_logits_and_aux_only_in_training() -> None:
+    net = TorchvisionSegmenter("fcn_resnet50", num_classes=4, aux_head=True)
+    calls = []
+    net.aux_classifier.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        assert net(torch.zeros(1, 3, 32, 48)).shape == (1, 4, 4, 6)
+        net.eval()
+        net(torch.zeros(1, 3, 32, 48))
+    assert calls == [1]
+    with pytest.raises(ValueError, match="Unknown torchvision segmentation model"):
+        TorchvisionSegmenter("deeplabv3_resnet5", num_classes=4)
+
+
+def test_torchvision_segmenter_loads_backbone_weights(tmp_path) -> None:
+    import torchvision
+
+    classifier = torchvision.models.mobilenet_v3_large(weights=None)
+    torch.save(classifier.state_dict(), tmp_path / "mbv3.pth")
+    net = TorchvisionSegmenter("lraspp_mobilenet_v3_large", 3, backbone_checkpoint=str(tmp_path / "mbv3.pth"))
+    torch.testing.assert_close(net.backbone["0"][0].weight, classifier.features[0][0].weight)
+    torch.save({"fc.weight": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(RuntimeError, match="lack"):
+        TorchvisionSegmenter("lraspp_mobilenet_v3_large", 3, backbone_checkpoint=str(tmp_path / "bad.pth"))
+
+
+def test_preview_draws_image_labels_and_both_predictions(tmp_path) -> None:
+    from datamodules.segmentation import SyntheticSegmentationDataModule
+
+    data = SyntheticSegmentationDataModule(
+        num_classes=3, image_size=16, train_size=4, val_size=3, batch_size=2
+    )
+    module = SegmentationDistillationModule(nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1), num_classes=3)
+    preview = SegmentationPreview(num_images=2, dirpath=str(tmp_path))
+    trainer(max_epochs=1, callbacks=[preview], limit_train_batches=1).fit(module, data)
+    assert [p.split("/")[-1] for p in preview.saved] == ["epoch_000.png"]
+    data.setup("validate")
+    images, targets = zip(*(data.val_dataloader().dataset[i] for i in (0, 2)))
+    grid = preview.render(module, data, torch.stack(images), torch.stack(targets))
+    # 2 rows x 4 columns (image, truth, teacher, student) of 16 px tiles with 2 px padding
+    assert grid.shape == (3, 2 + 2 * 18, 2 + 4 * 18)
+    truth = grid[:, 2 + 18 * 0 : 18, 2 + 18 : 18 + 18]  # first row, second tile
+    colours = {tuple((truth[:, y, x] * 255).round().int().tolist()) for y in range(16) for x in range(16)}
+    palette = {tuple(c) for c in data.palette} | {(0, 0, 0)}
+    assert colours <= palette
