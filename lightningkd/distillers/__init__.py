@@ -2,15 +2,23 @@
 
 from lightningkd.distillers.at import AT
 from lightningkd.distillers.base import Distiller, Features
+from lightningkd.distillers.cwd import CWD, ChannelWiseDivergence
 from lightningkd.distillers.dist import DIST
 from lightningkd.distillers.dkd import DKD
 from lightningkd.distillers.fitnet import FitNet
 from lightningkd.distillers.kd import KD
 from lightningkd.distillers.nd import ND, class_centers, load_class_centers
+from lightningkd.distillers.pixel_kd import PixelKD
 from lightningkd.distillers.rkd import RKD
+from lightningkd.distillers.skd import SKD, PairwiseSimilarityKD
 
 __all__ = [
     "AT",
+    "CWD",
+    "SKD",
+    "ChannelWiseDivergence",
+    "PairwiseSimilarityKD",
+    "PixelKD",
     "DIST",
     "DKD",
     "KD",

@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
+from lightningkd.adapters import match_spatial
 from lightningkd.distillers.base import OUTPUT, Distiller, Features
 from lightningkd.functional.dist import dist_loss
 
@@ -23,6 +24,10 @@ class DIST(Distiller):
     CIFAR-100 ``temperature=4`` (``dist_t4``), KD weight 2; segmentation ``temperature=1`` on
     ``(N, C, H, W)`` logits (pixels as samples), KD weight 1.
 
+    Dense logits of different spatial sizes: the teacher logits are resized to the student's ``(H, W)``
+    (bilinear, ``align_corners=False``) before the loss; the authors' segmentation code receives logits of
+    equal size.
+
     Args:
         beta: weight of the inter-class relation.
         gamma: weight of the intra-class relation.
@@ -31,7 +36,7 @@ class DIST(Distiller):
         weight, name: see :class:`~lightningkd.distillers.base.Distiller`.
 
     Shape:
-        logits ``(N, C)`` or dense ``(N, C, H, W)``, the same for both models.
+        logits ``(N, C)`` for both models, or dense student ``(N, C, H, W)`` and teacher ``(N, C, H_t, W_t)``.
 
     Example:
         >>> import torch
@@ -64,6 +69,8 @@ class DIST(Distiller):
 
     def forward(self, student: Features, teacher: Features, batch: Mapping[str, Any] | None = None) -> Tensor:
         s, t = self.read_pair(student, teacher)
+        if s.ndim == 4 and t.ndim == 4 and s.shape[:2] == t.shape[:2]:
+            t = match_spatial(t, tuple(s.shape[-2:]), mode="bilinear")
         return dist_loss(s, t, self.beta, self.gamma, self.temperature)
 
     def extra_repr(self) -> str:

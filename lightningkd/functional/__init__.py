@@ -1,16 +1,20 @@
 """The distillation losses as pure tensor functions (same maths as :mod:`lightningkd.distillers`)."""
 
 from lightningkd.functional.at import at_loss, attention_map
+from lightningkd.functional.cwd import cwd_loss
 from lightningkd.functional.dist import dist_loss, dist_terms
 from lightningkd.functional.dkd import dkd_loss, dkd_terms
 from lightningkd.functional.fitnet import fitnet_loss
 from lightningkd.functional.kd import kd_loss
 from lightningkd.functional.nd import nd_loss
+from lightningkd.functional.pixel_kd import pixel_kd_loss
 from lightningkd.functional.rkd import rkd_angle_loss, rkd_distance_loss, rkd_loss
+from lightningkd.functional.skd import skd_loss
 
 __all__ = [
     "at_loss",
     "attention_map",
+    "cwd_loss",
     "dist_loss",
     "dist_terms",
     "dkd_loss",
@@ -18,7 +22,9 @@ __all__ = [
     "fitnet_loss",
     "kd_loss",
     "nd_loss",
+    "pixel_kd_loss",
     "rkd_angle_loss",
     "rkd_distance_loss",
     "rkd_loss",
+    "skd_loss",
 ]
