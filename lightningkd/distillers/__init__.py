@@ -2,6 +2,8 @@
 
 from lightningkd.distillers.at import AT
 from lightningkd.distillers.base import Distiller, Features
+from lightningkd.distillers.bpkd import BPKD
+from lightningkd.distillers.cirkd import CIRKDMemory, CIRKDMiniBatch
 from lightningkd.distillers.cwd import CWD, ChannelWiseDivergence
 from lightningkd.distillers.dist import DIST
 from lightningkd.distillers.dkd import DKD
@@ -14,6 +16,9 @@ from lightningkd.distillers.skd import SKD, PairwiseSimilarityKD
 
 __all__ = [
     "AT",
+    "BPKD",
+    "CIRKDMemory",
+    "CIRKDMiniBatch",
     "CWD",
     "SKD",
     "ChannelWiseDivergence",

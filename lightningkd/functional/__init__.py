@@ -1,6 +1,8 @@
 """The distillation losses as pure tensor functions (same maths as :mod:`lightningkd.distillers`)."""
 
 from lightningkd.functional.at import at_loss, attention_map
+from lightningkd.functional.bpkd import boundary_masks, bpkd_loss, bpkd_terms
+from lightningkd.functional.cirkd import cirkd_memory_terms, cirkd_minibatch_loss
 from lightningkd.functional.cwd import cwd_loss
 from lightningkd.functional.dist import dist_loss, dist_terms
 from lightningkd.functional.dkd import dkd_loss, dkd_terms
@@ -14,6 +16,11 @@ from lightningkd.functional.skd import skd_loss
 __all__ = [
     "at_loss",
     "attention_map",
+    "boundary_masks",
+    "bpkd_loss",
+    "bpkd_terms",
+    "cirkd_memory_terms",
+    "cirkd_minibatch_loss",
     "cwd_loss",
     "dist_loss",
     "dist_terms",
