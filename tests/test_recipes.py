@@ -11,6 +11,7 @@ from lightningkd.cli import lightning_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("classification/**/*.yaml"))
+SEG_RECIPES = sorted((ROOT / "recipes").glob("segmentation/**/*.yaml"))
 FRAGMENTS = sorted((ROOT / "recipes" / "trainer").glob("*.yaml"))
 
 
@@ -19,17 +20,30 @@ def synthetic_overrides(recipe: Path) -> list[str]:
     spec = yaml.safe_load(recipe.read_text())
     init = spec["model"]["init_args"]
     num_classes = init["num_classes"]
-    image_size = 64 if num_classes > 100 else 32  # ImageNet recipes: small images keep CPU time low
-    data = {
-        "class_path": "datamodules.SyntheticClassificationDataModule",
-        "init_args": {
-            "num_classes": num_classes,
-            "image_size": image_size,
-            "train_size": max(64, num_classes),  # ND's class centres need every class once
-            "val_size": 16,
-            "batch_size": 4,
-        },
-    }
+    if "Segmentation" in spec["model"]["class_path"]:
+        data = {
+            "class_path": "datamodules.SyntheticSegmentationDataModule",
+            "init_args": {
+                "num_classes": num_classes,
+                "image_size": 64,
+                "train_size": 4,
+                "val_size": 2,
+                "batch_size": 2,
+                "ignore_index": init.get("ignore_index", 255),
+            },
+        }
+    else:
+        image_size = 64 if num_classes > 100 else 32  # ImageNet recipes: small images keep CPU time low
+        data = {
+            "class_path": "datamodules.SyntheticClassificationDataModule",
+            "init_args": {
+                "num_classes": num_classes,
+                "image_size": image_size,
+                "train_size": max(64, num_classes),  # ND's class centres need every class once
+                "val_size": 16,
+                "batch_size": 4,
+            },
+        }
     args = ["--data", json.dumps(data), "--trainer.fast_dev_run=1", "--trainer.accelerator=cpu"]
     args += ["--trainer.devices=1"]  # loggers write under the test's working directory
     if init.get("teacher"):
@@ -44,7 +58,15 @@ def test_recipes_exist_for_every_classification_distiller() -> None:
     assert {"kd", "dkd", "dist", "fitnet", "at", "nd", "rkd", "teacher"} <= methods
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT / "recipes")))
+def test_recipes_exist_for_every_segmentation_distiller() -> None:
+    methods = {p.parent.name for p in SEG_RECIPES}
+    assert {"pixel_kd", "cwd", "bpkd", "cirkd", "dist", "skd", "teacher", "baseline"} <= methods
+    for method in methods - {"teacher", "baseline"}:
+        sets = {p.stem.rsplit("_", 1)[1] for p in SEG_RECIPES if p.parent.name == method}
+        assert {"cityscapes", "camvid"} <= sets, method
+
+
+@pytest.mark.parametrize("recipe", RECIPES + SEG_RECIPES, ids=lambda p: str(p.relative_to(ROOT / "recipes")))
 def test_recipe_fast_dev_run_on_synthetic_data(recipe: Path, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     cli = lightning_cli(["fit", "--config", str(recipe), *synthetic_overrides(recipe)])
