@@ -30,6 +30,7 @@ def synthetic_overrides(recipe: Path) -> list[str]:
                 "val_size": 2,
                 "batch_size": 2,
                 "ignore_index": init.get("ignore_index", 255),
+                "num_workers": 0,
             },
         }
     else:
