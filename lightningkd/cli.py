@@ -20,13 +20,14 @@ from collections.abc import Sequence
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch  # noqa: E402
+import torchvision  # noqa: E402
 import yaml  # noqa: E402
 from jsonargparse import ArgumentParser  # noqa: E402
 from lightning.pytorch import LightningDataModule  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from lightningkd.export import export_student  # noqa: E402
-from lightningkd.models import classifier  # noqa: E402
+from lightningkd.models import MMSegSegmenter, TorchvisionSegmenter, classifier  # noqa: E402
 from lightningkd.modules.base import DistillationModule  # noqa: E402
 from lightningkd.taps import describe_layers  # noqa: E402
 
@@ -50,7 +51,10 @@ def _layers(argv: Sequence[str]) -> None:
         prog="lightningkd layers", description="List the tappable layer names of a model (and output shapes)."
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="torchvision or timm classifier name, e.g. resnet18")
+    source.add_argument(
+        "--model", help="torchvision or timm classifier, or torchvision segmentation model, e.g. resnet18"
+    )
+    source.add_argument("--mmseg", help="mmsegmentation config name or file, e.g. pspnet/pspnet_r18-d8_...")
     source.add_argument(
         "--config", action="append", help="a recipe: lists the student's and teacher's layers"
     )
@@ -63,9 +67,14 @@ def _layers(argv: Sequence[str]) -> None:
     )
     ns = parser.parse_args(list(argv))
     example = torch.zeros(1, *ns.input_size) if ns.input_size else None
-    if ns.model:
-        model = classifier(ns.model, num_classes=ns.num_classes, small_input=ns.small_input)
-        print(describe_layers(model, example))
+    if ns.model or ns.mmseg:
+        if ns.mmseg:
+            model = MMSegSegmenter(ns.mmseg, num_classes=ns.num_classes)
+        elif ns.model in torchvision.models.list_models(module=torchvision.models.segmentation):
+            model = TorchvisionSegmenter(ns.model, num_classes=ns.num_classes)
+        else:
+            model = classifier(ns.model, num_classes=ns.num_classes, small_input=ns.small_input)
+        print(describe_layers(model.eval(), example))
         return
     module = _model_from_configs(ns.config)
     for who in ("student", "teacher"):
@@ -76,13 +85,21 @@ def _layers(argv: Sequence[str]) -> None:
 
 
 def _model_from_configs(paths: Sequence[str]) -> DistillationModule:
-    """Build only the ``model:`` section of one or more recipes (later files override earlier ones)."""
+    """Build only the ``model:`` section of one or more recipes (later files override earlier ones).
+
+    Weight files are not loaded: they do not change the layer names, and need not exist yet.
+    """
     merged: dict = {}
     for path in paths:
         with open(path) as f:
             _deep_update(merged, (yaml.safe_load(f) or {}).get("model", {}))
     if not merged:
         raise ValueError(f"No 'model:' section in {list(paths)}.")
+    for who in ("student", "teacher"):
+        init = (merged.get("init_args", {}).get(who) or {}).get("init_args", {})
+        for key in ("checkpoint", "backbone_checkpoint"):
+            if init.get(key) is not None:
+                init[key] = None
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--model", type=DistillationModule)
     return parser.instantiate_classes(parser.parse_object({"model": merged})).model

@@ -46,6 +46,34 @@ def test_layers_command_reads_a_recipe(tmp_path, capsys) -> None:
     assert "layer2.0.conv3" in out.split("== teacher")[1]  # ResNet-50 bottlenecks
 
 
+def test_layers_command_reads_a_segmentation_recipe_without_its_weight_files(capsys) -> None:
+    recipe = ROOT / "recipes/segmentation/cwd/pspnet_r18_from_pspnet_r101_camvid.yaml"
+    main(["layers", "--config", str(recipe), "--input_size", "3", "64", "64"])  # teacher .ckpt absent
+    student, teacher = capsys.readouterr().out.split("== teacher")
+    assert "== student: MMSegSegmenter" in student
+    assert "decode_head.bottleneck" in student and "(1, 128, 8, 8)" in student
+    assert "(1, 512, 8, 8)" in teacher  # PSPNet-R101's head feature
+
+
+def test_layers_command_builds_segmentation_models(capsys) -> None:
+    main(
+        [
+            "layers",
+            "--model",
+            "lraspp_mobilenet_v3_large",
+            "--num_classes",
+            "5",
+            "--input_size",
+            "3",
+            "64",
+            "64",
+        ]
+    )
+    assert "classifier.high_classifier" in capsys.readouterr().out
+    main(["layers", "--mmseg", "fcn/fcn_r18-d8_4xb2-80k_cityscapes-512x1024", "--num_classes", "5"])
+    assert "decode_head.conv_seg" in capsys.readouterr().out
+
+
 def test_export_command_writes_a_strict_student_file(tmp_path, capsys) -> None:
     module = make_module()
     trainer(tmp_path, max_steps=1).fit(module, toy_loader())
