@@ -218,3 +218,40 @@ def test_preview_draws_image_labels_and_both_predictions(tmp_path) -> None:
     colours = {tuple((truth[:, y, x] * 255).round().int().tolist()) for y in range(16) for x in range(16)}
     palette = {tuple(c) for c in data.palette} | {(0, 0, 0)}
     assert colours <= palette
+
+
+def test_teacher_runs_at_another_input_size() -> None:
+    from lightningkd import Renormalize
+    from lightningkd.distillers import ChannelWiseDivergence, PixelKD
+
+    seen = {}
+
+    class Recorder(nn.Conv2d):
+        def forward(self, x):
+            seen[self.tag] = tuple(x.shape[-2:])
+            return super().forward(x)
+
+    student, teacher = Recorder(3, 4, 1), Recorder(3, 4, 1)
+    student.tag, teacher.tag = "student", "teacher"
+    module = SegmentationDistillationModule(
+        student,
+        teacher,
+        [ChannelWiseDivergence(temperature=4.0), PixelKD(ignore_index=255)],
+        num_classes=4,
+        teacher_input=Renormalize([0.0] * 3, [1.0] * 3, [0.0] * 3, [1.0] * 3, scale=2.0),
+    )
+    images, target = torch.randn(2, 3, 8, 12), torch.randint(0, 4, (2, 8, 12))
+    batch = {"image": images, "target": target}
+    loss = module.training_step(batch, 0)
+    assert seen == {"student": (8, 12), "teacher": (16, 24)}
+    assert torch.isfinite(loss)
+    # the teacher's 16x24 logits are resized to the student's 8x12 before the losses
+    direct = torch.nn.functional.interpolate(
+        teacher(F.interpolate(images, size=(16, 24), mode="bilinear")), size=(8, 12), mode="bilinear"
+    )
+    expected = ChannelWiseDivergence(temperature=4.0)(
+        {"output": student(images)}, {"output": direct.detach()}
+    )
+    assert module.distillers[0](
+        {"output": student(images)}, module.teacher_features(images)
+    ).item() == pytest.approx(expected.item(), rel=1e-5)
