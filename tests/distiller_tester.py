@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,18 @@ def tensor(spec: dict[str, Any], dtype: torch.dtype | None = None) -> torch.Tens
     """Rebuild a fixture tensor ``{"shape", "data", "dtype"}``; floats are cast to ``dtype`` if given."""
     t = torch.tensor(spec["data"], dtype=getattr(torch, spec["dtype"])).reshape(spec["shape"])
     return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
+def log_softmax_by_hand(values: list[float]) -> list[float]:
+    """``log softmax`` of a list of floats in plain Python (for known values computed independently)."""
+    m = max(values)
+    lse = m + math.log(sum(math.exp(v - m) for v in values))
+    return [v - lse for v in values]
+
+
+def kl_by_hand(log_p: list[float], log_q: list[float]) -> float:
+    """``KL(p || q)`` from log-probabilities, in plain Python."""
+    return sum(math.exp(a) * (a - b) for a, b in zip(log_p, log_q))
 
 
 class DistillerTester:

@@ -12,11 +12,12 @@ from torch import Tensor, nn
 
 from lightningkd.distillers.base import Distiller, Features, require_labels
 from lightningkd.functional.cirkd import (
+    _check_feature_pair,
     cirkd_enqueue_,
     cirkd_memory_terms,
     cirkd_minibatch_loss,
-    resize_labels,
 )
+from lightningkd.functional.labels import resize_labels
 
 
 class CIRKDMiniBatch(Distiller):
@@ -268,11 +269,7 @@ class CIRKDMemory(Distiller):
                 f"CIRKDMemory was built for {self.student_channels} student and {self.teacher_channels} teacher "
                 f"channels, got student {tuple(s.shape)} and teacher {tuple(t.shape)}."
             )
-        if s.shape[0] != t.shape[0] or s.shape[-2:] != t.shape[-2:]:
-            raise ValueError(
-                f"CIRKDMemory: student {tuple(s.shape)} and teacher {tuple(t.shape)} features must have the same "
-                "batch and spatial sizes; tap layers at the same stride."
-            )
+        _check_feature_pair("CIRKDMemory", s, t)
         if labels.ndim != 3 or labels.shape[0] != s.shape[0]:
             raise ValueError(
                 f"CIRKDMemory expects labels of shape (N, H, W) with N = {s.shape[0]}, got {tuple(labels.shape)}."

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightningkd.functional.labels import resize_labels
+
 
 def cirkd_minibatch_loss(
     student_feat: Tensor, teacher_feat: Tensor, temperature: float = 0.1, pooling: bool = False
@@ -84,22 +86,6 @@ def cirkd_minibatch_loss(
         total = term if total is None else total + term
     assert total is not None
     return total / (hw * b * b)
-
-
-def resize_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
-    """Nearest-neighbour resize of ``(N, H, W)`` labels to ``size`` (as the authors: ``F.interpolate``
-    of the float labels, ``mode="nearest"``, i.e. source index ``floor(i * H / h)``); a no-op at that size.
-
-    Example:
-        >>> import torch
-        >>> resize_labels(torch.arange(16).reshape(1, 4, 4), (2, 2))
-        tensor([[[ 0,  2],
-                 [ 8, 10]]])
-    """
-    if tuple(labels.shape[-2:]) == tuple(size):
-        return labels
-    small = F.interpolate(labels.unsqueeze(1).float(), size=tuple(size), mode="nearest")
-    return small.squeeze(1).to(labels.dtype)
 
 
 def cirkd_memory_terms(

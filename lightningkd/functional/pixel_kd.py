@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightningkd.adapters import match_spatial
+from lightningkd.functional.labels import resize_labels
 
 
 def pixel_kd_loss(
@@ -91,11 +92,7 @@ def _resize_labels(who: str, target: Tensor, size: torch.Size | tuple[int, int, 
             f"{who}: expected a label map (N, H_label, W_label) with N={n} for logits of {n} images, got "
             f"{tuple(target.shape)}."
         )
-    if tuple(target.shape[-2:]) == (h, w):
-        return target
-    # Labels up to 2^24 are exact in float32; nearest interpolation only copies values.
-    resized = F.interpolate(target[:, None].to(torch.float32), size=(h, w), mode="nearest")
-    return resized[:, 0].to(target.dtype)
+    return resize_labels(target, (h, w))
 
 
 def _check_dense_logits(

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from lightningkd.distillers.bpkd import BPKD
 from lightningkd.functional.bpkd import boundary_masks, bpkd_loss, bpkd_terms
-from tests.distiller_tester import DistillerTester
+from tests.distiller_tester import DistillerTester, kl_by_hand, log_softmax_by_hand
 
 IGNORE = 255
 
@@ -65,16 +65,6 @@ def masks_by_hand(labels, num_classes, k, size, neutral=True):
     return edges, bodies
 
 
-def _log_softmax(values: list[float]) -> list[float]:
-    m = max(values)
-    lse = m + math.log(sum(math.exp(v - m) for v in values))
-    return [v - lse for v in values]
-
-
-def _kl(log_p: list[float], log_q: list[float]) -> float:
-    return sum(math.exp(a) * (a - b) for a, b in zip(log_p, log_q))
-
-
 def bpkd_by_hand(zs, zt, labels, *, k, T, alpha, count_mode="soft_sum", pre=True, Tb=None, neutral=True):
     """(L_edge, L_body) from methods-verified 1.2, with plain loops. zs, zt: [n][c][i][j]."""
     N, C, h, w = len(zs), len(zs[0]), len(zs[0][0]), len(zs[0][0][0])
@@ -88,9 +78,9 @@ def bpkd_by_hand(zs, zt, labels, *, k, T, alpha, count_mode="soft_sum", pre=True
         for i in range(h):
             for j in range(w):
                 ms = [E[c][i][j] if pre else 1.0 for c in range(C)]
-                ls = _log_softmax([zs[n][c][i][j] * ms[c] / T for c in range(C)])
-                lt = _log_softmax([zt[n][c][i][j] * ms[c] / T for c in range(C)])
-                phi[i, j] = T * T * _kl(lt, ls)
+                ls = log_softmax_by_hand([zs[n][c][i][j] * ms[c] / T for c in range(C)])
+                lt = log_softmax_by_hand([zt[n][c][i][j] * ms[c] / T for c in range(C)])
+                phi[i, j] = T * T * kl_by_hand(lt, ls)
         for c in range(C):
             cells = [E[c][i][j] for i in range(h) for j in range(w)]
             n_c = sum(cells) if count_mode == "soft_sum" else sum(1 for v in cells if v > 0)
@@ -106,12 +96,12 @@ def bpkd_by_hand(zs, zt, labels, *, k, T, alpha, count_mode="soft_sum", pre=True
             s = [zs[n][c][i][j] for i in range(h) for j in range(w)]
             t = [zt[n][c][i][j] for i in range(h) for j in range(w)]
             if pre:
-                ls = _log_softmax([a * b / Tb for a, b in zip(s, B)])
-                lt = _log_softmax([a * b / Tb for a, b in zip(t, B)])
-                body_total += _kl(lt, ls)
+                ls = log_softmax_by_hand([a * b / Tb for a, b in zip(s, B)])
+                lt = log_softmax_by_hand([a * b / Tb for a, b in zip(t, B)])
+                body_total += kl_by_hand(lt, ls)
             else:
-                ls = _log_softmax([a / Tb for a in s])
-                lt = _log_softmax([a / Tb for a in t])
+                ls = log_softmax_by_hand([a / Tb for a in s])
+                lt = log_softmax_by_hand([a / Tb for a in t])
                 body_total += sum(b * math.exp(x) * (x - y) for b, x, y in zip(B, lt, ls))
     body = Tb * Tb * body_total / (N * C)
     return edge, body

@@ -12,7 +12,7 @@ from lightningkd.functional.cirkd import (
     cirkd_minibatch_loss,
     resize_labels,
 )
-from tests.distiller_tester import DistillerTester
+from tests.distiller_tester import DistillerTester, kl_by_hand, log_softmax_by_hand
 
 IGNORE = 255
 BN_EPS = 1e-5  # BatchNorm2d default; in eval mode with fresh running stats BN is x / sqrt(1 + eps)
@@ -28,16 +28,6 @@ def _pixels(fmap) -> list[list[float]]:
     """[c][h][w] -> list of the H*W normalised channel vectors, row-major."""
     C, H, W = len(fmap), len(fmap[0]), len(fmap[0][0])
     return [_unit([fmap[c][y][x] for c in range(C)]) for y in range(H) for x in range(W)]
-
-
-def _log_softmax(values: list[float]) -> list[float]:
-    m = max(values)
-    lse = m + math.log(sum(math.exp(v - m) for v in values))
-    return [v - lse for v in values]
-
-
-def _kl(log_p: list[float], log_q: list[float]) -> float:
-    return sum(math.exp(a) * (a - b) for a, b in zip(log_p, log_q))
 
 
 def pool_by_hand(fmap, k: int = 2):
@@ -69,7 +59,7 @@ def minibatch_by_hand(fs, ft, T: float, pooling: bool = False) -> float:
             for p in range(HW):
                 row_s = [sum(a * b for a, b in zip(ps[i][p], ps[j][q])) / T for q in range(HW)]
                 row_t = [sum(a * b for a, b in zip(pt[i][p], pt[j][q])) / T for q in range(HW)]
-                pair += _kl(_log_softmax(row_t), _log_softmax(row_s))
+                pair += kl_by_hand(log_softmax_by_hand(row_t), log_softmax_by_hand(row_s))
             total += pair / HW
     return total / (B * B)
 
@@ -465,7 +455,7 @@ class TestCIRKDMemory(DistillerTester):
             cirkd(s, t, {"target": torch.zeros(2, 8, 8)})
         with pytest.raises(ValueError, match="built for 4 student and 6 teacher channels"):
             cirkd({"s": torch.zeros(2, 5, 4, 4)}, t, labels)
-        with pytest.raises(ValueError, match="same batch and spatial sizes"):
+        with pytest.raises(ValueError, match="same batch size and spatial size"):
             cirkd(s, {"t": torch.zeros(2, 6, 2, 2)}, labels)
         with pytest.raises(ValueError, match=r"labels of shape \(N, H, W\)"):
             cirkd(s, t, {"target": torch.zeros(3, 8, 8, dtype=torch.long)})

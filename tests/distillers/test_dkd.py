@@ -5,17 +5,13 @@ import torch
 
 from lightningkd.distillers.dkd import DKD
 from lightningkd.functional.dkd import dkd_loss, dkd_terms
-from tests.distiller_tester import DistillerTester
+from tests.distiller_tester import DistillerTester, kl_by_hand
 
 
 # ---- the paper's equations in plain Python (log space, so extreme logits stay exact) -------------------
 def _logsumexp(values: list[float]) -> float:
     m = max(values)
     return m + math.log(sum(math.exp(v - m) for v in values))
-
-
-def _kl(log_p: list[float], log_q: list[float]) -> float:
-    return sum(math.exp(a) * (a - b) for a, b in zip(log_p, log_q))
 
 
 def _binary(z: list[float], y: int, T: float) -> list[float]:
@@ -33,19 +29,24 @@ def _non_target(z: list[float], y: int, T: float) -> list[float]:
 
 
 def tckd_by_hand(zs, zt, ys, T: float) -> float:
-    return T * T * sum(_kl(_binary(t, y, T), _binary(s, y, T)) for s, t, y in zip(zs, zt, ys)) / len(zs)
+    return (
+        T * T * sum(kl_by_hand(_binary(t, y, T), _binary(s, y, T)) for s, t, y in zip(zs, zt, ys)) / len(zs)
+    )
 
 
 def nckd_by_hand(zs, zt, ys, T: float) -> float:
     return (
-        T * T * sum(_kl(_non_target(t, y, T), _non_target(s, y, T)) for s, t, y in zip(zs, zt, ys)) / len(zs)
+        T
+        * T
+        * sum(kl_by_hand(_non_target(t, y, T), _non_target(s, y, T)) for s, t, y in zip(zs, zt, ys))
+        / len(zs)
     )
 
 
 def kd_by_hand(s: list[float], t: list[float], T: float) -> float:
     ls = [v / T - _logsumexp([u / T for u in s]) for v in s]
     lt = [v / T - _logsumexp([u / T for u in t]) for v in t]
-    return T * T * _kl(lt, ls)
+    return T * T * kl_by_hand(lt, ls)
 
 
 ZS = [[1.0, 2.0, 0.5, -1.0], [0.0, -1.0, 3.0, 2.0], [0.3, 0.3, -0.7, 1.1]]
