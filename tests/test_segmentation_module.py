@@ -255,3 +255,39 @@ def test_teacher_runs_at_another_input_size() -> None:
     assert module.distillers[0](
         {"output": student(images)}, module.teacher_features(images)
     ).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_preview_goes_to_image_loggers_and_draws_bpkd_masks(tmp_path) -> None:
+    from lightning.pytorch.loggers import Logger, TensorBoardLogger
+
+    from datamodules.segmentation import SyntheticSegmentationDataModule
+    from lightningkd.distillers import BPKD
+
+    class ImageLogger(Logger):
+        name, version = "images", 0
+        images: list = []
+
+        def log_image(self, key, images, step=None):
+            self.images.append((key, images[0].shape))
+
+        def log_metrics(self, metrics, step=None):
+            pass
+
+        def log_hyperparams(self, params, *args, **kwargs):
+            pass
+
+    data = SyntheticSegmentationDataModule(
+        num_classes=3, image_size=16, train_size=4, val_size=2, batch_size=2
+    )
+    module = SegmentationDistillationModule(
+        nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1), [BPKD(num_classes=3, edge_width=3)], num_classes=3
+    )
+    tensorboard = TensorBoardLogger(str(tmp_path), name="tb")
+    loggers = [ImageLogger(), tensorboard]
+    preview = SegmentationPreview(num_images=2, dirpath=str(tmp_path / "png"))
+    trainer(max_epochs=1, callbacks=[preview], limit_train_batches=1, logger=loggers).fit(module, data)
+    # 2 rows x 6 columns: image, truth, teacher, student, BPKD edge mask, BPKD body mask
+    assert ImageLogger.images == [("val/segmentation_preview", (3, 2 + 2 * 18, 2 + 6 * 18))]
+    events = list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+    content = b"".join(e.read_bytes() for e in events)
+    assert b"val/segmentation_preview" in content and b"\x89PNG" in content  # an image summary
