@@ -1,8 +1,27 @@
 """lightningkd: knowledge distillation for vision and dense prediction on PyTorch Lightning."""
 
 from lightningkd.adapters import ConvAdapter, LinearAdapter
-from lightningkd.distillers import AT, DIST, DKD, KD, ND, RKD, Distiller, FitNet
-from lightningkd.modules import ClassificationDistillationModule, DistillationModule
+from lightningkd.distillers import (
+    AT,
+    BPKD,
+    DIST,
+    DKD,
+    KD,
+    ND,
+    RKD,
+    ChannelWiseDivergence,
+    CIRKDMemory,
+    CIRKDMiniBatch,
+    Distiller,
+    FitNet,
+    PairwiseSimilarityKD,
+    PixelKD,
+)
+from lightningkd.modules import (
+    ClassificationDistillationModule,
+    DistillationModule,
+    SegmentationDistillationModule,
+)
 from lightningkd.taps import FeatureTap, list_layers
 from lightningkd.teacher import Renormalize
 
@@ -10,6 +29,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AT",
+    "BPKD",
+    "CIRKDMemory",
+    "CIRKDMiniBatch",
+    "ChannelWiseDivergence",
+    "PairwiseSimilarityKD",
+    "PixelKD",
+    "SegmentationDistillationModule",
     "DIST",
     "DKD",
     "KD",
