@@ -9,7 +9,7 @@ mkdir -p "$out"
 [ -f "$out/teacher_seed0.ckpt" ] || $py experiments/camvid_seg_kd.py --data-dir "$data" --run teacher --seed 0 --epochs 30 --out-dir "$out"
 for seed in 0 1 2; do
   for run in student cwd bpkd; do
-    $py experiments/camvid_seg_kd.py --data-dir "$data" --run "$run" --seed "$seed" --epochs 12 --teacher "$out/teacher_seed0.ckpt" --out-dir "$out"
+    $py experiments/camvid_seg_kd.py --data-dir "$data" --run "$run" --seed "$seed" --epochs 8 --teacher "$out/teacher_seed0.ckpt" --out-dir "$out"
   done
 done
 $py experiments/summarize_seg.py "$out/results.jsonl"
