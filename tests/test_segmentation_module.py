@@ -291,3 +291,10 @@ def test_preview_goes_to_image_loggers_and_draws_bpkd_masks(tmp_path) -> None:
     events = list((tmp_path / "tb").rglob("events.out.tfevents.*"))
     content = b"".join(e.read_bytes() for e in events)
     assert b"val/segmentation_preview" in content and b"\x89PNG" in content  # an image summary
+
+
+def test_preview_shrinks_large_tiles() -> None:
+    module = SegmentationDistillationModule(nn.Conv2d(3, 2, 1), num_classes=2)
+    preview = SegmentationPreview(num_images=1, max_side=32)
+    grid = preview.render(module, None, torch.zeros(1, 3, 64, 128), torch.zeros(1, 64, 128, dtype=torch.long))
+    assert grid.shape == (3, 2 + 16 + 2, 2 + 3 * (32 + 2))  # image, truth, student at 16x32

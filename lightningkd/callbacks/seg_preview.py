@@ -32,6 +32,8 @@ class SegmentationPreview(L.Callback):
         num_images: how many validation images to draw.
         every_n_epochs: draw every this many validation epochs.
         dirpath: folder for the PNG files (default: the trainer's ``log_dir``, else its ``default_root_dir``).
+        max_side: tiles whose longer side exceeds this are shrunk (nearest) to it, so that full-resolution
+            Cityscapes images do not make a 100-megapixel picture.
 
     Example:
         >>> preview = SegmentationPreview(num_images=2)
@@ -39,7 +41,9 @@ class SegmentationPreview(L.Callback):
         2
     """
 
-    def __init__(self, num_images: int = 4, every_n_epochs: int = 1, dirpath: str | None = None) -> None:
+    def __init__(
+        self, num_images: int = 4, every_n_epochs: int = 1, dirpath: str | None = None, max_side: int = 512
+    ) -> None:
         if num_images < 1:
             raise ValueError(f"num_images must be >= 1, got {num_images}.")
         if every_n_epochs < 1:
@@ -47,6 +51,7 @@ class SegmentationPreview(L.Callback):
         self.num_images = num_images
         self.every_n_epochs = every_n_epochs
         self.dirpath = dirpath
+        self.max_side = max_side
         self.saved: list[str] = []
 
     @rank_zero_only
@@ -110,6 +115,10 @@ class SegmentationPreview(L.Callback):
                     columns.append(mask.amax(1, keepdim=True).clamp(0, 1).float().cpu().expand(-1, 3, -1, -1))
         pl_module.train(was_training)
         tiles = torch.stack(columns, dim=1).flatten(0, 1)  # row-major: one row per image
+        longest = max(tiles.shape[-2:])
+        if longest > self.max_side:
+            size = [max(1, round(s * self.max_side / longest)) for s in tiles.shape[-2:]]
+            tiles = torch.nn.functional.interpolate(tiles, size=size, mode="nearest")
         return make_grid(tiles, nrow=len(columns), padding=2, pad_value=1.0)
 
 
