@@ -135,19 +135,29 @@ def main() -> None:
             s, t = s.to(memory_format=torch.channels_last), t.to(memory_format=torch.channels_last)
         return s, t
 
+    header = f"device {device}, {args.teacher} -> {args.student}, {args.size}px, batch {args.batch}"
+    compare(
+        models,
+        lambda s, t: plain_pytorch(s, t, batches, device, amp_dtype),
+        lambda s, t: lightning_run(s, t, batches, device, amp_dtype, channels_last, args.classes),
+        header,
+    )
+
+
+def compare(models, plain, lightning, header: str) -> float:
+    """Time ``plain`` and ``lightning`` twice each, interleaved (drift shows up), on fresh ``models()``."""
     results = {}
-    for name in ("plain", "lightning", "plain_again", "lightning_again"):  # interleaved: drift shows up
+    for name in ("plain", "lightning", "plain_again", "lightning_again"):
         s, t = models()
-        if name.startswith("plain"):
-            results[name] = plain_pytorch(s, t, batches, device, amp_dtype)
-        else:
-            results[name] = lightning_run(s, t, batches, device, amp_dtype, channels_last, args.classes)
-    plain = max(results["plain"], results["plain_again"])
-    light = max(results["lightning"], results["lightning_again"])
-    print(f"device {device}, {args.teacher} -> {args.student}, {args.size}px, batch {args.batch}")
+        results[name] = (plain if name.startswith("plain") else lightning)(s, t)
+    ratio = max(results["lightning"], results["lightning_again"]) / max(
+        results["plain"], results["plain_again"]
+    )
+    print(header)
     for k, v in results.items():
         print(f"  {k:16s} {v:9.1f} img/s")
-    print(f"lightningkd / plain PyTorch throughput ratio: {light / plain:.3f}")
+    print(f"lightningkd / plain PyTorch throughput ratio: {ratio:.3f}")
+    return ratio
 
 
 if __name__ == "__main__":

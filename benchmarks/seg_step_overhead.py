@@ -19,7 +19,7 @@ import time
 import lightning as L
 import torch
 import torch.nn.functional as F
-from kd_step_overhead import Timer, _loader, _sync
+from kd_step_overhead import Timer, _loader, _sync, compare
 
 from lightningkd.distillers import ChannelWiseDivergence
 from lightningkd.functional import cwd_loss
@@ -113,21 +113,15 @@ def main() -> None:
             s, t = s.to(memory_format=torch.channels_last), t.to(memory_format=torch.channels_last)
         return s, t
 
-    results = {}
-    for name in ("plain", "lightning", "plain_again", "lightning_again"):  # interleaved: drift shows up
-        s, t = models()
-        if name.startswith("plain"):
-            results[name] = plain_pytorch(s, t, batches, device, amp_dtype)
-        else:
-            results[name] = lightning_run(s, t, batches, device, amp_dtype, channels_last, args.classes)
-    plain = max(results["plain"], results["plain_again"])
-    light = max(results["lightning"], results["lightning_again"])
-    print(
+    header = (
         f"device {device}, {args.teacher} -> {args.student}, {args.height}x{args.width}, batch {args.batch}"
     )
-    for k, v in results.items():
-        print(f"  {k:16s} {v:9.1f} img/s")
-    print(f"lightningkd / plain PyTorch throughput ratio: {light / plain:.3f}")
+    compare(
+        models,
+        lambda s, t: plain_pytorch(s, t, batches, device, amp_dtype),
+        lambda s, t: lightning_run(s, t, batches, device, amp_dtype, channels_last, args.classes),
+        header,
+    )
 
 
 if __name__ == "__main__":
