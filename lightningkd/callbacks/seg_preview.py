@@ -20,7 +20,8 @@ class SegmentationPreview(L.Callback):
     At the end of every ``every_n_epochs``-th validation, each of ``num_images`` validation images
     (always the same ones, spread evenly over the set) becomes one row: the image, the ground truth,
     the teacher's prediction (when there is a teacher), the student's prediction and, for every
-    distiller exposing ``masks(target, size)`` (BPKD), its edge and body masks in grey. Class maps are
+    distiller exposing ``masks(target, size)`` (BPKD), its edge mask (white where any class has an edge)
+    and body mask (white where every class is body; edges and ignored pixels are dark) in grey. Class maps are
     drawn in the datamodule's ``palette`` (ignored pixels black) and images are un-normalised with its
     ``mean``/``std``.
 
@@ -111,8 +112,10 @@ class SegmentationPreview(L.Callback):
         columns.append(_colour(logits.argmax(1).cpu(), palette, ignore))
         for distiller in pl_module.distillers:
             if hasattr(distiller, "masks"):
-                for mask in distiller.masks(targets.to(device), targets.shape[-2:]):
-                    columns.append(mask.amax(1, keepdim=True).clamp(0, 1).float().cpu().expand(-1, 3, -1, -1))
+                edge, body = distiller.masks(targets.to(device), targets.shape[-2:])
+                # per-class masks in one picture: where any class has an edge; where every class is body
+                for mask in (edge.amax(1, keepdim=True), body.amin(1, keepdim=True)):
+                    columns.append(mask.clamp(0, 1).float().cpu().expand(-1, 3, -1, -1))
         pl_module.train(was_training)
         tiles = torch.stack(columns, dim=1).flatten(0, 1)  # row-major: one row per image
         longest = max(tiles.shape[-2:])
