@@ -298,3 +298,29 @@ def test_preview_shrinks_large_tiles() -> None:
     preview = SegmentationPreview(num_images=1, max_side=32)
     grid = preview.render(module, None, torch.zeros(1, 3, 64, 128), torch.zeros(1, 64, 128, dtype=torch.long))
     assert grid.shape == (3, 2 + 16 + 2, 2 + 3 * (32 + 2))  # image, truth, student at 16x32
+
+
+def test_several_auxiliary_heads_each_add_their_loss() -> None:
+    class TwoAux(Pointwise):
+        def __init__(self) -> None:
+            super().__init__()
+            self.aux2 = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            out = super().forward(x)
+            if self.training:
+                self.aux2(F.avg_pool2d(x, 2))
+            return out
+
+    torch.manual_seed(0)
+    student = TwoAux()
+    module = SegmentationDistillationModule(student, num_classes=3, aux_layer=["aux", "aux2"], aux_weight=0.4)
+    images, target = torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 8, 8))
+    pooled = F.avg_pool2d(images, 2)
+
+    def ce(logits):
+        return F.cross_entropy(F.interpolate(logits, size=(8, 8), mode="bilinear"), target)
+
+    expected = ce(student.head(pooled)) + 0.4 * ce(student.aux(pooled)) + 0.4 * ce(student.aux2(pooled))
+    got = module.task_loss_from_features(module.student_features(images), {"target": target})
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)

@@ -42,8 +42,10 @@ class SegmentationDistillationModule(DistillationModule):
         num_classes: number of classes.
         ignore_index: label value excluded from the loss and the metrics.
         aux_layer: name of an auxiliary head of the student (``aux_classifier`` in torchvision models,
-            ``auxiliary_head`` in mmsegmentation ones) whose logits get their own cross-entropy.
-        aux_weight: weight of the auxiliary loss (0.4 in PSPNet, DeepLabV3 and mmsegmentation configs).
+            ``auxiliary_head`` in mmsegmentation ones) whose logits get their own cross-entropy, or a
+            list of names for models with several (``auxiliary_head.0``, ``auxiliary_head.1``, ... in
+            BiSeNetV2 and STDC).
+        aux_weight: weight of each auxiliary loss (0.4 in PSPNet, DeepLabV3 and mmsegmentation configs).
         inference: ``"whole"`` or ``"slide"``.
         crop_size: ``(height, width)`` of the sliding windows.
         stride: ``(height, width)`` step of the sliding windows (defaults to 2/3 of ``crop_size``).
@@ -69,7 +71,7 @@ class SegmentationDistillationModule(DistillationModule):
         distillers: Sequence[Distiller] = (),
         num_classes: int = 19,
         ignore_index: int = 255,
-        aux_layer: str | None = None,
+        aux_layer: str | list[str] | None = None,
         aux_weight: float = 0.4,
         inference: str = "whole",
         crop_size: tuple[int, int] | None = None,
@@ -93,7 +95,7 @@ class SegmentationDistillationModule(DistillationModule):
             lr_scheduler_interval=lr_scheduler_interval,
             teacher_input=teacher_input,
             channels_last=channels_last,
-            extra_student_layers=[aux_layer] if aux_layer else [],
+            extra_student_layers=_names(aux_layer),
         )
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}.")
@@ -112,7 +114,7 @@ class SegmentationDistillationModule(DistillationModule):
             raise ValueError(f"class_names has {len(class_names)} names but num_classes is {num_classes}.")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
-        self.aux_layer = aux_layer
+        self.aux_layers = _names(aux_layer)
         self.aux_weight = float(aux_weight)
         self.inference = inference
         self.crop_size = tuple(crop_size) if crop_size is not None else None
@@ -141,14 +143,14 @@ class SegmentationDistillationModule(DistillationModule):
 
     def task_loss_from_features(self, student: Features, batch: Mapping[str, Any]) -> Tensor:
         loss = self.task_loss(student[OUTPUT], batch)
-        if self.aux_layer is not None:
-            if self.aux_layer not in student:
+        for name in self.aux_layers:
+            if name not in student:
                 raise RuntimeError(
-                    f"aux_layer {self.aux_layer!r} did not run in the student's forward pass: name the "
-                    "auxiliary head the model calls in training mode, or set aux_layer to null."
+                    f"aux_layer {name!r} did not run in the student's forward pass: name the auxiliary "
+                    "head the model calls in training mode, or set aux_layer to null."
                 )
             loss = loss + self.aux_weight * self._pixel_cross_entropy(
-                student[self.aux_layer], batch["target"], f"auxiliary head {self.aux_layer!r}"
+                student[name], batch["target"], f"auxiliary head {name!r}"
             )
         return loss
 
@@ -297,6 +299,12 @@ def segmentation_scores(confusion: Tensor) -> dict[str, Tensor]:
         "mIoU": iou.nanmean(),
         "aAcc": intersection.sum() / confusion.sum().clamp_min(1),
     }
+
+
+def _names(layers: str | Sequence[str] | None) -> list[str]:
+    if layers is None:
+        return []
+    return [layers] if isinstance(layers, str) else list(layers)
 
 
 def resize(logits: Tensor, size: Sequence[int]) -> Tensor:
