@@ -138,6 +138,21 @@ class DistillationModule(L.LightningModule, abc.ABC):
             f"got {type(batch).__name__}."
         )
 
+    @staticmethod
+    def batch_images(batch: Any) -> Tensor:
+        """The images of a predict batch: a dict's ``"image"``, a tuple's first item, or the tensor itself."""
+        if isinstance(batch, Mapping):
+            return batch["image"]
+        if isinstance(batch, (list, tuple)):
+            return batch[0]
+        return batch
+
+    def teacher_due(self, stage: str) -> bool:
+        """Whether to score the teacher now: every test, and the first real validation only."""
+        if self.teacher is None or self.trainer.sanity_checking:
+            return False
+        return stage == "test" or not self.teacher_validated
+
     def prepare_images(self, images: Tensor) -> Tensor:
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
@@ -206,6 +221,20 @@ class DistillationModule(L.LightningModule, abc.ABC):
             for key, value in self.teacher.state_dict().items():
                 checkpoint["state_dict"].setdefault(TEACHER_PREFIX + key, value)
         self.teacher_validated = checkpoint.get("lightningkd", {}).get("teacher_validated", False)
+
+
+def model_logits(output: Any) -> Tensor:
+    """Logits from a model output: a tensor, the first item of a tuple (some timm models), or the ``"out"``
+    entry of a dict (torchvision segmentation models)."""
+    if isinstance(output, Mapping):
+        if "out" not in output:
+            raise KeyError(
+                f"A dict model output needs an 'out' entry with the logits; got keys {sorted(output)}."
+            )
+        return output["out"]
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return output
 
 
 def _deduplicate_names(distillers: Sequence[Distiller]) -> None:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightningkd.distillers.base import Distiller
-from lightningkd.modules.base import DistillationModule, _default_optimizer
+from lightningkd.modules.base import DistillationModule, _default_optimizer, model_logits
 
 
 class ClassificationDistillationModule(DistillationModule):
@@ -84,7 +84,7 @@ class ClassificationDistillationModule(DistillationModule):
                 )
 
     def task_loss(self, student_output: Tensor, batch: Mapping[str, Any]) -> Tensor:
-        logits = _logits(student_output)
+        logits = model_logits(student_output)
         target = batch["target"]
         if logits.ndim != 2 or logits.shape[1] != self.num_classes:
             raise ValueError(
@@ -94,29 +94,24 @@ class ClassificationDistillationModule(DistillationModule):
         return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
 
     def forward(self, images: Tensor) -> Tensor:
-        return _logits(self.student(self.prepare_images(images)))
+        return model_logits(self.student(self.prepare_images(images)))
 
     def _evaluate(self, batch: Any, stage: str) -> None:
         batch = self.unpack_batch(batch)
         images, target = self.prepare_images(batch["image"]), batch["target"]
-        logits = _logits(self.student(images))
+        logits = model_logits(self.student(images))
         size = images.shape[0]
         self.log(f"{stage}/loss", F.cross_entropy(logits, target), batch_size=size, sync_dist=True)
         for k in (1, self.top_k):
             metric = getattr(self, f"{stage}_student_acc{k}")
             metric(logits, target)
             self.log(f"{stage}/acc{k}", metric, prog_bar=(k == 1), batch_size=size)
-        if self._teacher_due(stage):
-            teacher_logits = _logits(self.teacher_features(images)["output"])
+        if self.teacher_due(stage):
+            teacher_logits = model_logits(self.teacher_features(images)["output"])
             for k in (1, self.top_k):
                 metric = getattr(self, f"{stage}_teacher_acc{k}")
                 metric(teacher_logits, target)
                 self.log(f"{stage}/teacher_acc{k}", metric, batch_size=size)
-
-    def _teacher_due(self, stage: str) -> bool:
-        if self.teacher is None or self.trainer.sanity_checking:
-            return False
-        return stage == "test" or not self.teacher_validated
 
     def on_validation_epoch_end(self) -> None:
         if self.teacher is not None and not self.trainer.sanity_checking:
@@ -129,18 +124,5 @@ class ClassificationDistillationModule(DistillationModule):
         self._evaluate(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        images = (
-            batch["image"]
-            if isinstance(batch, Mapping)
-            else batch[0]
-            if isinstance(batch, (list, tuple))
-            else batch
-        )
+        images = self.batch_images(batch)
         return self(images).softmax(dim=1)
-
-
-def _logits(output: Any) -> Tensor:
-    """Logits from a classifier output (a tensor, or the first element of a tuple as some timm models return)."""
-    if isinstance(output, (tuple, list)):
-        output = output[0]
-    return output

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from lightningkd.distillers.base import OUTPUT, Distiller, Features
-from lightningkd.modules.base import DistillationModule, _default_optimizer
+from lightningkd.modules.base import DistillationModule, _default_optimizer, model_logits
 
 
 class SegmentationDistillationModule(DistillationModule):
@@ -155,7 +155,7 @@ class SegmentationDistillationModule(DistillationModule):
         return loss
 
     def _pixel_cross_entropy(self, logits: Any, target: Tensor, who: str) -> Tensor:
-        logits = _logits(logits)
+        logits = model_logits(logits)
         if logits.ndim != 4 or logits.shape[1] != self.num_classes:
             raise ValueError(
                 f"The {who} returned logits of shape {tuple(logits.shape)}, expected (N, {self.num_classes}, h, w): "
@@ -184,7 +184,7 @@ class SegmentationDistillationModule(DistillationModule):
             images = F.interpolate(images, size=scaled, mode="bilinear", align_corners=False)
         images = self.prepare_images(images)
         if self.inference == "whole":
-            logits = resize(_logits(model(images)), images.shape[-2:])
+            logits = resize(model_logits(model(images)), images.shape[-2:])
         else:
             logits = self._slide(model, images)
         return resize(logits, size)
@@ -203,7 +203,7 @@ class SegmentationDistillationModule(DistillationModule):
                 x1 = max(min(c * step_w, width - crop_w), 0)
                 y2, x2 = min(y1 + crop_h, height), min(x1 + crop_w, width)
                 window = images[..., y1:y2, x1:x2]
-                total[..., y1:y2, x1:x2] += resize(_logits(model(window)), window.shape[-2:]).float()
+                total[..., y1:y2, x1:x2] += resize(model_logits(model(window)), window.shape[-2:]).float()
                 count[..., y1:y2, x1:x2] += 1
         return total / count
 
@@ -219,15 +219,10 @@ class SegmentationDistillationModule(DistillationModule):
         loss = F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index)
         self.log(f"{stage}/loss", loss, batch_size=size, sync_dist=True)
         getattr(self, f"{stage}_student_confusion").update(logits.argmax(1), target)
-        if self._teacher_due(stage):
+        if self.teacher_due(stage):
             teacher_images = self.teacher_input(images) if self.teacher_input is not None else images
             teacher_logits = self.predict_logits(teacher_images, target.shape[-2:], model=self.teacher)
             getattr(self, f"{stage}_teacher_confusion").update(teacher_logits.argmax(1), target)
-
-    def _teacher_due(self, stage: str) -> bool:
-        if self.teacher is None or self.trainer.sanity_checking:
-            return False
-        return stage == "test" or not self.teacher_validated
 
     def _log_epoch(self, stage: str) -> None:
         student = getattr(self, f"{stage}_student_confusion")
@@ -235,7 +230,7 @@ class SegmentationDistillationModule(DistillationModule):
             student.reset()
             return
         self._log_scores(student, stage, per_class=True)
-        if self._teacher_due(stage):
+        if self.teacher_due(stage):
             self._log_scores(getattr(self, f"{stage}_teacher_confusion"), f"{stage}/teacher", per_class=False)
             if stage == "val":
                 self.teacher_validated = True
@@ -269,13 +264,7 @@ class SegmentationDistillationModule(DistillationModule):
         self._log_epoch("test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        images = (
-            batch["image"]
-            if isinstance(batch, Mapping)
-            else batch[0]
-            if isinstance(batch, (list, tuple))
-            else batch
-        )
+        images = self.batch_images(batch)
         return self.predict_logits(images).argmax(1)
 
 
@@ -312,16 +301,3 @@ def resize(logits: Tensor, size: Sequence[int]) -> Tensor:
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits
     return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
-
-
-def _logits(output: Any) -> Tensor:
-    """Logits from a model output: a tensor, or the ``"out"`` entry of torchvision's dict outputs."""
-    if isinstance(output, Mapping):
-        if "out" not in output:
-            raise KeyError(
-                f"A dict model output needs an 'out' entry with the logits; got keys {sorted(output)}."
-            )
-        return output["out"]
-    if isinstance(output, (tuple, list)):
-        return output[0]
-    return output
