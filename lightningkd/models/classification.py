@@ -55,7 +55,11 @@ def classifier(
     if small_input:
         _small_input_stem(model)
     if checkpoint is not None:
-        load_weights(model, checkpoint)
+        load_weights(
+            model,
+            checkpoint,
+            hint="Check the name, num_classes and small_input against the run that wrote it.",
+        )
     return model
 
 

@@ -7,11 +7,11 @@ mmseg and mmrazor configs (``backbone.layer4``, ``decode_head.conv_seg`` ...). C
 decode head's logits at the head's own resolution; inputs arrive already normalised (mmseg's
 ``data_preprocessor`` is dropped).
 
-mmcv-lite ships no compiled ops, and a few mmseg files import ``mmcv.ops`` at module level, so a bare
-``import mmseg.models`` fails with ``No module named 'mmcv._ext'``. Before importing mmseg, this module
-registers a stand-in ``mmcv._ext`` (see :func:`install_mmcv_ops_stand_in`) whose functions raise
-:class:`MMCVOpsMissingError` when called: models without compiled ops then build and train, and models
-that need them fail with a message naming the fix. A real, importable ``mmcv._ext`` is left alone.
+mmcv-lite ships no compiled ops, and a few mmseg files import ``mmcv.ops`` at module level; before
+importing mmseg, this module registers a stand-in ``mmcv._ext`` (see
+:func:`lightningkd.models.mmcv_ops.install_mmcv_ops_stand_in`) whose functions raise
+:class:`~lightningkd.models.mmcv_ops.MMCVOpsMissingError` when called: models without compiled ops then
+build and train, and models that need them fail with a message naming the fix.
 
 Configs measured to build and run forward + backward on mmcv-lite (mmseg 1.2.2, CPU, train mode on a
 2x3x64x64 input, without any download). "stride" is the input size over the logits' size; "V1c" is
@@ -73,105 +73,26 @@ import contextlib
 import copy
 import difflib
 import importlib
-import importlib.machinery
 import importlib.util
 import inspect
 import logging
 import os
-import sys
-import types
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
+from lightningkd.checkpoint_io import load_checkpoint_file
+from lightningkd.models.mmcv_ops import install_mmcv_ops_stand_in
 from lightningkd.models.segmentation import load_backbone_weights
-from lightningkd.models.weights import extract_state_dict
+from lightningkd.models.weights import extract_state_dict, load_state_dict_checked
 
-_EXT_NAME = "mmcv._ext"
-_OPS_HELP = (
-    "compiled mmcv ops are not installed: this model needs mmcv built with ops; models without compiled ops "
-    "(PSPNet, DeepLabV3/V3+, FCN, SegFormer, BiSeNet, STDC ...) work on mmcv-lite. To run this model, "
-    "replace mmcv-lite by a full mmcv build matching your torch and CUDA (`pip uninstall mmcv-lite` then "
-    "`mim install 'mmcv>=2.0,<2.2'`, or build mmcv from source), or pick a config without compiled ops."
-)
 # Segmentor types whose data flow MMSegSegmenter reproduces: backbone -> (neck) -> head(s).
 _SEGMENTORS = ("EncoderDecoder", "CascadeEncoderDecoder")
 # Heads returning several logits in training mode (deep supervision) and one in eval mode.
 _MULTI_OUTPUT_HEADS = ("PIDHead", "DDRHead", "IterativeDecodeHead")
-
-
-class MMCVOpsMissingError(RuntimeError):
-    """A compiled mmcv op was called but only mmcv-lite (no ``mmcv._ext``) is installed."""
-
-
-class _MissingOpsModule(types.ModuleType):
-    """Stand-in for ``mmcv._ext``: every op is a function raising :class:`MMCVOpsMissingError`.
-
-    mmcv's ``ext_loader.load_ext`` imports ``mmcv._ext`` and asserts ``hasattr`` for each op name at
-    import time; answering every (non-dunder) name lets ``import mmcv.ops`` succeed, and the error is
-    raised only when an op is actually called.
-    """
-
-    def __init__(self, reason: str = "") -> None:
-        super().__init__(
-            _EXT_NAME, "Stand-in for mmcv's compiled ops, installed by lightningkd.models.mmseg."
-        )
-        # a spec without a loader: importlib.util.find_spec / pkgutil.find_loader (used by mmengine's
-        # mmcv_full_available) then report "no compiled ops" instead of raising on a missing __spec__
-        self.__spec__ = importlib.machinery.ModuleSpec(_EXT_NAME, None)
-        self._stand_in_reason = reason
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") and name.endswith("__"):
-            raise AttributeError(name)
-        reason = self._stand_in_reason
-
-        def missing_op(*args: Any, **kwargs: Any) -> Any:
-            detail = f" (importing the real mmcv._ext failed: {reason})" if reason else ""
-            raise MMCVOpsMissingError(f"mmcv op {name!r} was called, but {_OPS_HELP}{detail}")
-
-        missing_op.__name__ = missing_op.__qualname__ = name
-        return missing_op
-
-
-def install_mmcv_ops_stand_in() -> bool:
-    """Register the ``mmcv._ext`` stand-in in ``sys.modules`` when mmcv's compiled ops are absent.
-
-    Must run before the first ``import mmseg.models`` (or ``import mmcv.ops``); :class:`MMSegSegmenter`
-    calls it itself. Does nothing when ``mmcv._ext`` is already imported or imports for real.
-
-    Returns:
-        ``True`` when the stand-in is (now or already) in place, ``False`` when real compiled ops are used.
-
-    Raises:
-        ImportError: mmcv itself is not installed.
-    """
-    existing = sys.modules.get(_EXT_NAME)
-    if existing is not None:
-        return isinstance(existing, _MissingOpsModule)
-    try:
-        importlib.import_module("mmcv")
-    except ImportError as err:
-        raise ImportError(
-            f"mmsegmentation models need mmcv ({err}). Install the segmentation extra: "
-            "`pip install 'lightningkd[seg]'` (mmengine, mmcv-lite<2.2, mmsegmentation)."
-        ) from err
-    reason = ""
-    if importlib.util.find_spec(_EXT_NAME) is not None:
-        try:
-            importlib.import_module(_EXT_NAME)
-            return False  # real compiled ops
-        except ImportError as err:  # e.g. built for another torch (undefined symbol)
-            reason = str(err)
-    sys.modules[_EXT_NAME] = _MissingOpsModule(reason)
-    mmcv = sys.modules["mmcv"]
-    if not hasattr(mmcv, "_ext"):
-        mmcv._ext = sys.modules[_EXT_NAME]  # what a real submodule import would set
-    return True
 
 
 def _import_mmseg() -> None:
@@ -414,8 +335,9 @@ class MMSegSegmenter(nn.Module):
             :func:`list_mmseg_configs`).
         num_classes: overrides ``num_classes`` of the decode head(s) and auxiliary head(s).
         checkpoint: local weights: an mmseg model-zoo checkpoint (``{"state_dict": {"backbone.…",
-            "decode_head.…", "auxiliary_head.…"}}``), a plain state_dict of this module, or a lightningkd
-            Lightning checkpoint (its ``student.`` weights are taken).
+            "decode_head.…", "auxiliary_head.…"}}``, mmengine's training metadata is skipped over), a
+            plain state_dict of this module, or a lightningkd Lightning checkpoint (its ``student.``
+            weights are taken); see :meth:`load_checkpoint`.
         aux_head: keep the auxiliary head(s). With ``False`` they are not built, and ``auxiliary_head.*``
             weights in ``checkpoint`` are ignored.
         sync_bn: keep the config's ``SyncBN``. By default (``False``) SyncBN becomes plain ``BN`` so the
@@ -425,7 +347,8 @@ class MMSegSegmenter(nn.Module):
             ``Config.merge_from_dict``), e.g. ``{"model.backbone.depth": 18}`` or
             ``{"model.decode_head.dropout_ratio": 0.0}``.
         strict: with ``checkpoint``, fail on missing or unexpected keys (after dropping auxiliary-head
-            keys when ``aux_head=False``). ``False`` loads the matching keys only.
+            keys when ``aux_head=False``). ``False`` loads the matching keys only; a file matching no
+            key is refused either way.
         backbone_checkpoint: local ImageNet weights of the backbone alone (e.g. mmseg's ``resnet18_v1c``
             file, keys with or without a ``backbone.`` prefix), what the configs' ``pretrained`` entry
             would have downloaded. Every backbone key must be found.
@@ -437,6 +360,7 @@ class MMSegSegmenter(nn.Module):
 
     Raises:
         FileNotFoundError: unknown config or checkpoint file.
+        lightningkd.checkpoint_io.CheckpointError: an unreadable checkpoint, or one asking to run code.
         ValueError: a segmentor type or decode head whose outputs are not per-pixel logits.
         RuntimeError: checkpoint keys or shapes that do not fit the model.
     """
@@ -557,37 +481,35 @@ class MMSegSegmenter(nn.Module):
                 head(features)  # read through a forward hook on the head
         return logits
 
-    def load_checkpoint(self, path: str | os.PathLike, strict: bool = True) -> MMSegSegmenter:
+    def load_checkpoint(
+        self, path: str | os.PathLike, strict: bool = True, prefix: str | None = None
+    ) -> MMSegSegmenter:
         """Load mmseg model-zoo weights, a plain state_dict or a lightningkd checkpoint (``student.``).
 
-        ``auxiliary_head.*`` keys are dropped when this model has no auxiliary head.
+        The file is read without running code (mmengine's training metadata is skipped over); a key
+        prefix (``student.``, ``architecture.`` of mmrazor, ``module.`` of DDP ...) is found and stripped
+        (see :func:`lightningkd.models.weights.extract_state_dict`). ``auxiliary_head.*`` keys are dropped
+        when this model has no auxiliary head.
+
+        Args:
+            path: the weight file.
+            strict: fail on missing or unexpected keys; ``False`` loads the matching keys only. A file
+                matching no key fails in both cases.
+            prefix: the key prefix to strip; ``None`` picks the known prefix matching most keys.
 
         Raises:
             FileNotFoundError: ``path`` does not exist.
-            RuntimeError: shapes differ, or (``strict``) keys are missing or unexpected.
+            lightningkd.checkpoint_io.CheckpointError: the file is unreadable, or asks to run code.
+            RuntimeError: no key matches, shapes differ, or (``strict``) keys are missing or unexpected.
         """
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"Checkpoint {path!r} does not exist.")
-        state = extract_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        state = extract_state_dict(load_checkpoint_file(path), prefix, model_state=self.state_dict())
         if self.auxiliary_head is None:
-            state = {k: v for k, v in state.items() if not k.startswith("auxiliary_head.")}
+            for key in [k for k in state if k.startswith("auxiliary_head.")]:
+                del state[key]  # in place: the state_dict's module versions stay attached
         hint = (
             f"Check the config ({self.config_path}), num_classes and aux_head against the model that wrote "
-            "the file"
+            "the file."
         )
-        try:
-            missing, unexpected = self.load_state_dict(state, strict=False)
-        except RuntimeError as err:  # shape mismatches raise even when strict=False
-            raise RuntimeError(f"The weights in {path!r} do not fit this model: {err}\n{hint}.") from None
-        if strict and (missing or unexpected):
-            aux_missing = any(k.startswith("auxiliary_head.") for k in missing)
-            raise RuntimeError(
-                f"The weights in {path!r} do not fit this model: {len(missing)} missing keys {missing[:8]}"
-                f"{'...' if len(missing) > 8 else ''}, {len(unexpected)} unexpected keys {unexpected[:8]}"
-                f"{'...' if len(unexpected) > 8 else ''}. "
-                + ("The file has no auxiliary head: pass aux_head=False. " if aux_missing else "")
-                + hint
-                + "; strict=False loads the matching keys only."
-            )
+        load_state_dict_checked(self, state, repr(path), strict=strict, hint=hint)
         return self

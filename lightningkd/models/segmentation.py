@@ -5,10 +5,15 @@ from __future__ import annotations
 import difflib
 import os
 
-import torch
 import torchvision
 from torch import Tensor, nn
 
+from lightningkd.checkpoint_io import (
+    KNOWN_PREFIXES,
+    best_key_prefix,
+    describe_key_mismatch,
+    load_checkpoint_file,
+)
 from lightningkd.models.weights import extract_state_dict, load_weights
 
 _LRASPP = "lraspp_mobilenet_v3_large"
@@ -77,7 +82,11 @@ class TorchvisionSegmenter(nn.Module):
         if backbone_checkpoint is not None:
             load_backbone_weights(self.backbone, backbone_checkpoint)
         if checkpoint is not None:
-            load_weights(self, checkpoint)
+            load_weights(
+                self,
+                checkpoint,
+                hint="Check the model name, num_classes and aux_head against the file's model.",
+            )
 
     def forward(self, images: Tensor) -> Tensor:
         features = self.backbone(images)
@@ -89,27 +98,48 @@ class TorchvisionSegmenter(nn.Module):
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
-    """Load a torchvision classifier's state_dict into a segmentation backbone built from it.
+    """Load a classifier's (or a segmentor's) weights into a segmentation backbone built from it.
 
     torchvision's segmentation backbones keep the classifier's module names, without its head; MobileNet
-    backbones are built from its ``features`` and so drop that prefix. Keys of the head are ignored; every
-    backbone key must be found.
+    backbones are built from its ``features`` and so drop that prefix; mmseg backbone files may keep a
+    ``backbone.`` prefix. The prefix (a run of ``features.``, ``backbone.`` and the wrappers' prefixes
+    ``student.``, ``module.`` ... of :data:`lightningkd.checkpoint_io.KNOWN_PREFIXES`) under which most
+    keys are backbone keys is stripped. Keys of the head are ignored; every backbone key must be found.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        lightningkd.checkpoint_io.CheckpointError: the file is unreadable, or asks to run code.
+        RuntimeError: backbone keys missing from the file, or shapes that differ.
+
+    Example:
+        >>> import tempfile, torch, torchvision
+        >>> net = TorchvisionSegmenter("lraspp_mobilenet_v3_large", num_classes=2)
+        >>> imagenet = torchvision.models.mobilenet_v3_large(num_classes=3)
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     torch.save(imagenet.state_dict(), d + "/mnv3.pth")
+        ...     load_backbone_weights(net.backbone, d + "/mnv3.pth")
+        >>> torch.equal(net.backbone["0"][0].weight, imagenet.features[0][0].weight)
+        True
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Backbone checkpoint {path!r} does not exist.")
-    state = extract_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+    state = extract_state_dict(load_checkpoint_file(path), prefix="")
     wanted = backbone.state_dict()
-    picked: dict[str, Tensor] = {}
-    for key in wanted:
-        for candidate in (key, "features." + key, "backbone." + key):
-            if candidate in state:
-                picked[key] = state[candidate]
-                break
+    prefix, _ = best_key_prefix(state, wanted, parts=(*KNOWN_PREFIXES, "features.", "backbone."))
+    picked = {
+        k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix) and k[len(prefix) :] in wanted
+    }
     missing = [k for k in wanted if k not in picked]
     if missing:
         raise RuntimeError(
-            f"The backbone weights in {path!r} lack {len(missing)} keys of the backbone, e.g. {missing[:5]}: "
-            "point backbone_checkpoint at the state_dict of the matching torchvision classifier."
+            f"The backbone weights in {path!r} lack {len(missing)} of the backbone's {len(wanted)} keys "
+            f"(file keys read under the prefix {prefix!r}):\n{describe_key_mismatch(missing, [])}\n"
+            f"The file's keys look like {sorted(state)[:5]}. Point backbone_checkpoint at the weights of the "
+            "classifier (or segmentor) the backbone is built from."
         )
-    backbone.load_state_dict(picked)
+    try:
+        backbone.load_state_dict(picked)
+    except RuntimeError as err:  # shapes differ
+        raise RuntimeError(
+            f"The backbone weights in {path!r} do not fit the backbone: {err}\nPoint backbone_checkpoint at "
+            "the weights of the classifier the backbone is built from (same depth and width)."
+        ) from None

@@ -9,15 +9,16 @@ from torch import nn
 pytest.importorskip("mmseg")
 pytest.importorskip("mmcv")
 
+from lightningkd.checkpoint_io import UnsafeCheckpointError  # noqa: E402
+from lightningkd.models.mmcv_ops import MMCVOpsMissingError, install_mmcv_ops_stand_in  # noqa: E402
 from lightningkd.models.mmseg import (  # noqa: E402
-    MMCVOpsMissingError,
     MMSegSegmenter,
-    install_mmcv_ops_stand_in,
     list_mmseg_configs,
     mmseg_config_dir,
     resolve_mmseg_config,
 )
 from lightningkd.taps import FeatureTap, list_layers  # noqa: E402
+from tests.test_checkpoint_io import ShellPayload, save_mmengine_checkpoint  # noqa: E402
 
 PSPNET = "pspnet/pspnet_r18-d8_4xb2-80k_cityscapes-512x1024"
 SEGFORMER = "segformer/segformer_mit-b0_8xb1-160k_cityscapes-1024x1024"
@@ -49,11 +50,19 @@ def zoo_files(pspnet, tmp_path_factory) -> dict[str, Path]:
     """The PSPNet weights as an mmseg model-zoo file and as a lightningkd (Lightning) checkpoint."""
     folder = tmp_path_factory.mktemp("mmseg_ckpt")
     state = pspnet.state_dict()
-    files = {"zoo": folder / "zoo.pth", "lightningkd": folder / "run.ckpt", "no_aux": folder / "no_aux.pth"}
+    names = ("zoo.pth", "run.ckpt", "no_aux.pth", "ddp.pth", "mmrazor.pth", "iter_80000.pth", "unknown.pth")
+    files = dict(zip(("zoo", "lightningkd", "no_aux", "ddp", "mmrazor", "mmengine", "unknown"), names))
+    files = {kind: folder / name for kind, name in files.items()}
     torch.save({"meta": {"mmseg_version": "1.2.2"}, "state_dict": state}, files["zoo"])
     torch.save(
         {"epoch": 3, "state_dict": {"student." + k: v for k, v in state.items()}}, files["lightningkd"]
     )
+    torch.save({"state_dict": {"module." + k: v for k, v in state.items()}}, files["ddp"])
+    mmrazor = {"architecture." + k: v for k, v in state.items()}
+    mmrazor["distiller.connectors.loss_s4_sfeat.weight"] = torch.ones(3)
+    torch.save({"meta": {}, "state_dict": mmrazor}, files["mmrazor"])
+    save_mmengine_checkpoint(files["mmengine"], pspnet, hub_name="test_mmseg")  # with mmengine metadata
+    torch.save({"state_dict": {"segmentor." + k: v for k, v in state.items()}}, files["unknown"])
     no_aux = {k: v for k, v in state.items() if not k.startswith("auxiliary_head.")}
     torch.save({"state_dict": no_aux}, files["no_aux"])
     return files
@@ -146,7 +155,7 @@ def test_no_pretrained_init_remains(pspnet) -> None:
     assert 0.005 < pspnet.decode_head.conv_seg.weight.std().item() < 0.02
 
 
-@pytest.mark.parametrize("kind", ["zoo", "lightningkd"])
+@pytest.mark.parametrize("kind", ["zoo", "lightningkd", "ddp", "mmrazor", "mmengine"])
 def test_checkpoint_round_trip(pspnet, zoo_files, kind) -> None:
     loaded = MMSegSegmenter(PSPNET, num_classes=11, checkpoint=str(zoo_files[kind]))
     _assert_same_weights(pspnet, loaded)
@@ -160,14 +169,31 @@ def test_aux_head_false_loads_a_file_with_aux_keys(pspnet, zoo_files) -> None:
 
 
 def test_missing_keys_fail_clearly_unless_not_strict(pspnet, zoo_files) -> None:
-    with pytest.raises(RuntimeError, match=r"missing keys \['auxiliary_head.*pass aux_head=False"):
+    with pytest.raises(
+        RuntimeError, match=r"(?s)auxiliary_head: 7 missing.*no auxiliary head.*aux_head=False"
+    ):
         MMSegSegmenter(PSPNET, num_classes=11, checkpoint=str(zoo_files["no_aux"]))
     loaded = MMSegSegmenter(PSPNET, num_classes=11, checkpoint=str(zoo_files["no_aux"]), strict=False)
     torch.testing.assert_close(loaded.decode_head.conv_seg.weight, pspnet.decode_head.conv_seg.weight)
 
 
+def test_a_file_matching_no_key_is_refused_even_when_not_strict(zoo_files) -> None:
+    with pytest.raises(RuntimeError, match=r"(?s)None of the .* weights.*segmentor\.auxiliary_head"):
+        MMSegSegmenter(PSPNET, num_classes=11, checkpoint=str(zoo_files["unknown"]), strict=False)
+
+
+def test_unsafe_checkpoint_is_refused_before_anything_runs(tmp_path) -> None:
+    marker = tmp_path / "marker"
+    torch.save({"state_dict": {"x": torch.ones(1)}, "meta": ShellPayload(marker)}, tmp_path / "evil.pth")
+    with pytest.raises(UnsafeCheckpointError, match=r"evil\.pth.*posix\.system"):
+        MMSegSegmenter(PSPNET, num_classes=11, checkpoint=str(tmp_path / "evil.pth"), aux_head=False)
+    assert not marker.exists()
+
+
 def test_wrong_num_classes_fails_clearly(zoo_files) -> None:
-    with pytest.raises(RuntimeError, match=r"(?s)do not fit this model.*decode_head.conv_seg.*num_classes"):
+    with pytest.raises(
+        RuntimeError, match=r"(?s)do not fit MMSegSegmenter.*decode_head.conv_seg.*num_classes"
+    ):
         MMSegSegmenter(PSPNET, num_classes=5, checkpoint=str(zoo_files["zoo"]))
 
 
@@ -209,6 +235,13 @@ def test_missing_compiled_op_raises_a_clear_error() -> None:
     assert not mmcv_full_available()  # mmengine still sees mmcv-lite (it would use mmcv's SyncBN otherwise)
     with pytest.raises(MMCVOpsMissingError, match="compiled mmcv ops are not installed.*work on mmcv-lite"):
         PSAMask("collect", (3, 3))(torch.zeros(1, 9, 4, 4))
+
+
+def test_ops_error_is_exported_by_the_models_package() -> None:
+    import lightningkd.models
+
+    assert lightningkd.models.MMCVOpsMissingError is MMCVOpsMissingError
+    assert issubclass(MMCVOpsMissingError, RuntimeError)
 
 
 def test_stand_in_leaves_a_real_extension_alone(monkeypatch) -> None:
