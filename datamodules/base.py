@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import abc
+import warnings
 from typing import Literal
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.corrupt import CorruptFileLog, SkippingDataLoader
 from datamodules.datasets import collate_classification, seed_worker
 
 __all__ = ["BaseClassificationDataModule", "BaseDataModule", "Split"]
@@ -32,9 +34,17 @@ class BaseDataModule(L.LightningDataModule, abc.ABC):
     memory is pinned when CUDA is available and workers persist across epochs when ``num_workers > 0``.
     ``predict_dataloader`` serves the test split (with its labels).
 
+    With ``skip_corrupt`` (for the datamodules that read image / mask files) an unreadable file does not
+    stop the run: its sample is dropped from its batch (a training batch left empty is refilled with
+    random readable samples, an evaluation batch left empty is left out: see
+    :class:`~datamodules.corrupt.SkippingDataLoader`), recorded in :attr:`skip_log` by whichever
+    process read it, listed with counts by :attr:`skipped_files` and reported in a warning when the
+    stage ends (:meth:`teardown`). Label errors (e.g. a mask value outside the classes) are never skipped.
+
     Args:
         batch_size: samples per batch (per device under DDP).
         num_workers: DataLoader worker processes (0 loads in the main process).
+        skip_corrupt: skip unreadable image / mask files instead of stopping with an error naming them.
     """
 
     collate_fn = staticmethod(collate_classification)
@@ -42,7 +52,7 @@ class BaseDataModule(L.LightningDataModule, abc.ABC):
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
-    def __init__(self, batch_size: int, num_workers: int) -> None:
+    def __init__(self, batch_size: int, num_workers: int, skip_corrupt: bool = False) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -50,9 +60,24 @@ class BaseDataModule(L.LightningDataModule, abc.ABC):
             raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.skip_corrupt = bool(skip_corrupt)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        self._skip_log: CorruptFileLog | None = None
+        self._reported = 0  # records of the skip log already reported by teardown()
+
+    @property
+    def skip_log(self) -> CorruptFileLog | None:
+        """Where the datasets record skipped files (``None`` unless ``skip_corrupt``); pass it to datasets."""
+        if self.skip_corrupt and self._skip_log is None:
+            self._skip_log = CorruptFileLog.in_temp_dir(self)
+        return self._skip_log
+
+    @property
+    def skipped_files(self) -> dict[str, int]:
+        """Unreadable files skipped so far, with how many times each was skipped (once per epoch read)."""
+        return self._skip_log.counts() if self._skip_log is not None else {}
 
     @abc.abstractmethod
     def _build(self, split: Split) -> Dataset:
@@ -76,7 +101,9 @@ class BaseDataModule(L.LightningDataModule, abc.ABC):
                 f"The train split has {len(dataset)} samples, fewer than batch_size={self.batch_size}; "
                 "the train loader drops incomplete batches and would be empty."
             )
-        return DataLoader(
+        # with skip_corrupt, a train batch left empty is refilled (the epoch keeps its steps), others left out
+        skipping = {"refill_empty": train} if self.skip_corrupt else {}
+        return (SkippingDataLoader if self.skip_corrupt else DataLoader)(
             dataset,
             batch_size=self.batch_size,
             shuffle=train,
@@ -86,6 +113,7 @@ class BaseDataModule(L.LightningDataModule, abc.ABC):
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
             worker_init_fn=seed_worker,
+            **skipping,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -103,6 +131,27 @@ class BaseDataModule(L.LightningDataModule, abc.ABC):
     def predict_dataloader(self) -> DataLoader:
         """The test split, in order, batched like the other splits."""
         return self._loader("test")
+
+    def teardown(self, stage: str | None = None) -> None:
+        """At the end of a stage, warn about the files skipped since the last report (``skip_corrupt``)."""
+        if self._skip_log is None:
+            return
+        entries = self._skip_log.entries()
+        new, self._reported = entries[self._reported :], len(entries)
+        if not new:
+            return
+        reasons: dict[str, str] = {}
+        counts: dict[str, int] = {}
+        for path, reason in new:
+            reasons.setdefault(path, reason)
+            counts[path] = counts.get(path, 0) + 1
+        lines = "\n".join(f"  {path} ({counts[path]}x): {reasons[path]}" for path in sorted(counts))
+        warnings.warn(
+            f"{type(self).__name__} skipped {len(new)} samples of {len(counts)} unreadable files during "
+            f"stage '{getattr(stage, 'value', stage)}' (skip_corrupt=True); remove or repair them:\n{lines}",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 class BaseClassificationDataModule(BaseDataModule):

@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, get_worker_info
 
+from datamodules.corrupt import CorruptFileError, CorruptFileLog, drop_skipped, skip_or_raise
+
 __all__ = [
     "IMG_EXTENSIONS",
     "ArrayDataset",
@@ -42,7 +44,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     Grey-scale images are expanded to three channels and an alpha channel is dropped.
 
     Raises:
-        OSError: the file cannot be opened or decoded; the message names the file.
+        CorruptFileError: (an ``OSError``) the file cannot be opened or decoded; the message and its
+            ``path`` name the file.
 
     Example:
         >>> import tempfile, cv2, numpy as np
@@ -56,10 +59,12 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     try:
         buffer = np.fromfile(path, dtype=np.uint8)  # handles non-ASCII paths, unlike cv2.imread
     except OSError as err:
-        raise OSError(f"Cannot open image file '{path}': {err}") from err
+        raise CorruptFileError(f"Cannot open image file '{path}': {err}", path) from err
     image = cv2.imdecode(buffer, cv2.IMREAD_COLOR) if buffer.size else None
     if image is None:
-        raise OSError(f"Cannot decode image file '{path}': it is empty, corrupt or not an image.")
+        raise CorruptFileError(
+            f"Cannot decode image file '{path}': it is empty, truncated, corrupt or not an image.", path
+        )
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
@@ -94,8 +99,20 @@ def seed_worker(worker_id: int) -> None:
     _seed_transform(getattr(info.dataset, "transform", None), info.seed + 1_000_003 * rank)
 
 
-def collate_classification(batch: Sequence[tuple[Tensor, int]]) -> tuple[Tensor, Tensor]:
-    """Stack ``(image, label)`` samples into an ``(images, labels)`` tuple (labels as ``int64``)."""
+def collate_classification(batch: Sequence[tuple[Tensor, int] | None]) -> tuple[Tensor, Tensor] | None:
+    """Stack ``(image, label)`` samples into an ``(images, labels)`` tuple (labels as ``int64``).
+
+    Skipped samples (``None``, see ``skip_corrupt``) are left out; ``None`` if every sample was skipped.
+
+    Example:
+        >>> batch = [(torch.zeros(3, 2, 2), 1), None, (torch.ones(3, 2, 2), 0)]  # None: a skipped sample
+        >>> images, labels = collate_classification(batch)
+        >>> tuple(images.shape), labels.tolist()
+        ((2, 3, 2, 2), [1, 0])
+    """
+    batch = drop_skipped(batch)
+    if not batch:
+        return None
     images, labels = zip(*batch)
     return torch.stack(images), torch.as_tensor(labels, dtype=torch.int64)
 
@@ -132,7 +149,7 @@ class ArrayDataset(Dataset):
 
     Example:
         >>> import numpy as np
-        >>> from datamodules.transforms import cifar_eval_transform
+        >>> from datamodules import cifar_eval_transform
         >>> ds = ArrayDataset(np.zeros((2, 32, 32, 3), np.uint8), np.array([0, 1]), cifar_eval_transform())
         >>> image, label = ds[1]
         >>> tuple(image.shape), label
@@ -176,6 +193,8 @@ class ImageFileDataset(Dataset):
         files: file names relative to ``root`` (as ``str``) or an already encoded ``numpy`` ``S`` array.
         labels: integer array, one label per file.
         transform: albumentations pipeline called as ``transform(image=...)["image"]``.
+        skip_log: where unreadable files are recorded; the sample is then ``None`` (dropped by the
+            collate function). ``None`` (default): an unreadable file raises :class:`CorruptFileError`.
     """
 
     def __init__(
@@ -184,6 +203,7 @@ class ImageFileDataset(Dataset):
         files: Sequence[str] | np.ndarray,
         labels: np.ndarray,
         transform: Transform | None = None,
+        skip_log: CorruptFileLog | None = None,
     ) -> None:
         if len(files) != len(labels):
             raise ValueError(f"{len(files)} files but {len(labels)} labels.")
@@ -194,13 +214,16 @@ class ImageFileDataset(Dataset):
             self.files = np.array([os.fsencode(f) for f in files], dtype=np.bytes_)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.transform = transform
+        self.skip_log = skip_log
         _seed_from_torch(transform)
 
     def subset(self, indices: np.ndarray | None, transform: Transform | None) -> ImageFileDataset:
-        """The samples at ``indices`` (all if ``None``) with another transform."""
+        """The samples at ``indices`` (all if ``None``) with another transform (same ``skip_log``)."""
         if indices is None:
-            return ImageFileDataset(self.root, self.files, self.labels, transform)
-        return ImageFileDataset(self.root, self.files[indices], self.labels[indices], transform)
+            return ImageFileDataset(self.root, self.files, self.labels, transform, self.skip_log)
+        return ImageFileDataset(
+            self.root, self.files[indices], self.labels[indices], transform, self.skip_log
+        )
 
     def path(self, index: int) -> str:
         """Full path of sample ``index``."""
@@ -209,8 +232,11 @@ class ImageFileDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        image = read_image(self.path(index))
+    def __getitem__(self, index: int) -> tuple[Tensor, int] | None:
+        try:
+            image = read_image(self.path(index))
+        except CorruptFileError as err:
+            return skip_or_raise(err, self.skip_log)
         if self.transform is not None:
             image = self.transform(image=image)["image"]
         return image, int(self.labels[index])

@@ -5,14 +5,18 @@ from __future__ import annotations
 import inspect
 import os
 import pickle
+import pickletools
 import re
 import shutil
+import struct
 import subprocess
 import tarfile
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import cv2
 import lightning as L
@@ -168,18 +172,22 @@ def test_synthetic_rejects_bad_arguments() -> None:
 # ------------------------------------------------------------------------------------- CIFAR python pickles
 
 
-def _write_pickle(path: Path, obj: dict) -> None:
+def _write_pickle(path: Path, obj: dict, protocol: int = pickle.DEFAULT_PROTOCOL) -> None:
     with open(path, "wb") as f:
-        pickle.dump(obj, f)
+        pickle.dump(obj, f, protocol=protocol)
 
 
-def make_cifar10_pickles(root: Path, per_batch: int = 3, n_test: int = 4, seed: int = 0) -> dict:
+def make_cifar10_pickles(
+    root: Path, per_batch: int = 3, n_test: int = 4, seed: int = 0, protocol: int = pickle.DEFAULT_PROTOCOL
+) -> dict:
     """The official cifar-10-batches-py layout with tiny batches (bytes keys, as the real files load)."""
     rng = np.random.default_rng(seed)
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     names = [n.encode() for n in CIFAR10_CLASSES]
-    _write_pickle(folder / "batches.meta", {b"label_names": names, b"num_cases_per_batch": per_batch})
+    _write_pickle(
+        folder / "batches.meta", {b"label_names": names, b"num_cases_per_batch": per_batch}, protocol
+    )
     train_data, train_labels = [], []
     for i in range(1, 6):
         data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
@@ -188,12 +196,13 @@ def make_cifar10_pickles(root: Path, per_batch: int = 3, n_test: int = 4, seed: 
             folder / f"data_batch_{i}",
             {b"batch_label": f"training batch {i} of 5".encode(), b"labels": labels, b"data": data,
              b"filenames": [f"img_{i}_{j}.png".encode() for j in range(per_batch)]},
+            protocol,
         )  # fmt: skip
         train_data.append(data)
         train_labels += labels
     test_data = rng.integers(0, 256, (n_test, 3072), dtype=np.uint8)
     test_labels = rng.integers(0, 10, n_test).tolist()
-    _write_pickle(folder / "test_batch", {b"labels": test_labels, b"data": test_data})
+    _write_pickle(folder / "test_batch", {b"labels": test_labels, b"data": test_data}, protocol)
     return {
         "train": (np.concatenate(train_data), np.array(train_labels)),
         "test": (test_data, np.array(test_labels)),
@@ -520,6 +529,7 @@ def test_real_cifar10_distillation_steps(real_cifar10: Path, tmp_path: Path) -> 
         max_epochs=1,
         limit_train_batches=8,
         limit_val_batches=2,
+        log_every_n_steps=1,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -529,3 +539,337 @@ def test_real_cifar10_distillation_steps(real_cifar10: Path, tmp_path: Path) -> 
     assert trainer.global_step == 8 and len(losses) == 8
     assert all(np.isfinite(losses))
     assert {"train/kd/kd", "train/kd/dkd", "val/acc1", "val/teacher_acc1"} <= set(trainer.callback_metrics)
+
+
+# ------------------------------------------------------------------ CIFAR pickles: labels and safe loading
+
+
+def _py2_pickle(obj: Any) -> bytes:
+    """``obj`` pickled the way Python 2's cPickle wrote the official CIFAR batches (protocol 2).
+
+    Byte strings are ``SHORT_BINSTRING`` / ``BINSTRING`` (Python 2 ``str``, no ``_codecs.encode``) and numpy
+    arrays use numpy 1.x's reduction: ``numpy.core.multiarray._reconstruct``, ``numpy.ndarray`` and
+    ``numpy.dtype`` with their version-1 / version-3 states. Handles what the CIFAR files hold: dicts,
+    lists, tuples, byte strings, ints, bools, ``None`` and ``uint8`` arrays.
+    """
+    out = bytearray(b"\x80\x02")
+
+    def put(value: Any) -> None:
+        nonlocal out
+        if isinstance(value, bytes):
+            head = b"U" + bytes([len(value)]) if len(value) < 256 else b"T" + struct.pack("<i", len(value))
+            out += head + value
+        elif isinstance(value, bool):
+            out += b"\x88" if value else b"\x89"
+        elif isinstance(value, int):
+            out += b"J" + struct.pack("<i", value)
+        elif value is None:
+            out += b"N"
+        elif isinstance(value, list):
+            out += b"]("
+            for item in value:
+                put(item)
+            out += b"e"
+        elif isinstance(value, tuple):
+            out += b"("
+            for item in value:
+                put(item)
+            out += b"t"
+        elif isinstance(value, dict):
+            out += b"}("
+            for key, item in value.items():
+                put(key)
+                put(item)
+            out += b"u"
+        elif isinstance(value, np.ndarray):
+            assert value.dtype == np.uint8
+            out += b"cnumpy.core.multiarray\n_reconstruct\n(cnumpy\nndarray\n"
+            put((0,))
+            put(b"b")
+            out += b"tR"
+            out += b"(J\x01\x00\x00\x00"  # array state: (1, shape, dtype, is_fortran, raw bytes)
+            put(tuple(value.shape))
+            out += b"cnumpy\ndtype\n"
+            put((b"u1", 0, 1))
+            out += b"R"
+            put((3, b"|", None, None, None, -1, -1, 0))
+            out += b"b"
+            put(False)
+            put(value.tobytes())
+            out += b"tb"
+        else:
+            raise TypeError(type(value))
+
+    put(obj)
+    return bytes(out + b".")
+
+
+def _globals_of(data: bytes) -> set[str]:
+    return {arg.replace(" ", ".") for op, arg, _ in pickletools.genops(data) if op.name == "GLOBAL"}
+
+
+def write_official_cifar10(root: Path, batches: list[tuple[np.ndarray, list[int]]], test, names) -> Path:
+    """``cifar-10-batches-py/`` in the byte format of the official release (see :func:`_py2_pickle`)."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    (folder / "batches.meta").write_bytes(_py2_pickle({b"label_names": names, b"num_vis": 3072}))
+    for i, (data, labels) in enumerate([*batches, test]):
+        name = f"data_batch_{i + 1}" if i < len(batches) else "test_batch"
+        content = {b"batch_label": name.encode(), b"labels": labels, b"data": data}
+        (folder / name).write_bytes(_py2_pickle(content))
+    return folder
+
+
+def test_cifar_official_python2_pickles_load(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    batches = [(rng.integers(0, 256, (2, 3072), dtype=np.uint8), [i, 9 - i]) for i in range(5)]
+    test = (rng.integers(0, 256, (3, 3072), dtype=np.uint8), [4, 5, 6])
+    folder = write_official_cifar10(tmp_path, batches, test, [n.encode() for n in CIFAR10_CLASSES])
+    assert _globals_of((folder / "data_batch_1").read_bytes()) == {
+        "numpy.core.multiarray._reconstruct",
+        "numpy.ndarray",
+        "numpy.dtype",
+    }
+    dm = CIFAR10DataModule(tmp_path, batch_size=2, num_workers=0, augment=False)
+    assert dm.classes == CIFAR10_CLASSES
+    dm.setup("fit")
+    assert dm.train_set.labels.tolist() == [label for _, labels in batches for label in labels]
+    expected = np.concatenate([data for data, _ in batches]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    np.testing.assert_array_equal(dm.train_set.images, expected)
+    np.testing.assert_array_equal(dm.val_set.images[2], test[0][2].reshape(3, 32, 32).transpose(1, 2, 0))
+
+
+def test_cifar_python3_protocol2_pickles_load(tmp_path: Path) -> None:
+    raw = make_cifar10_pickles(tmp_path, protocol=2)  # bytes written through _codecs.encode
+    assert "_codecs.encode" in _globals_of((tmp_path / "cifar-10-batches-py" / "test_batch").read_bytes())
+    dm = CIFAR10DataModule(tmp_path, batch_size=2, num_workers=0)
+    dm.setup("validate")
+    np.testing.assert_array_equal(dm.val_set.labels, raw["test"][1])
+
+
+class _Exploit:
+    """Pickles as a call of ``function(*args)``: what a crafted file would run on a bare ``pickle.load``."""
+
+    def __init__(self, function, args) -> None:
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.DEFAULT_PROTOCOL])
+@pytest.mark.parametrize("target", ["batches.meta", "data_batch_2"])
+@pytest.mark.parametrize("attack", ["os.system", "builtins.exec", "open"])
+def test_cifar_crafted_pickle_is_refused(tmp_path: Path, target: str, attack: str, protocol: int) -> None:
+    make_cifar10_pickles(tmp_path)
+    marker = tmp_path / "marker"
+    function, args = {
+        "os.system": (os.system, (f"touch {marker}",)),
+        "builtins.exec": (exec, (f"open({str(marker)!r}, 'w').close()",)),
+        "open": (open, (str(marker), "w")),
+    }[attack]
+    global_name = f"{function.__module__}.{function.__name__}"  # how pickle records it, e.g. posix.system
+    path = tmp_path / "cifar-10-batches-py" / target
+    payload = (
+        {b"label_names": _Exploit(function, args)} if target == "batches.meta" else _Exploit(function, args)
+    )
+    path.write_bytes(pickle.dumps(payload, protocol=protocol))
+    with pytest.raises(pickle.UnpicklingError) as info:
+        CIFAR10DataModule(tmp_path, num_workers=0).setup("fit")
+    message = str(info.value)
+    assert str(path) in message and global_name in message and "could run code" in message
+    assert not marker.exists()
+
+
+def test_cifar_label_out_of_range_names_the_file(tmp_path: Path) -> None:
+    make_cifar10_pickles(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_4"
+    _write_pickle(path, {b"labels": [3, 10, 1], b"data": np.zeros((3, 3072), np.uint8)})
+    dm = CIFAR10DataModule(tmp_path, num_workers=0)
+    with pytest.raises(ValueError) as info:
+        dm.setup("fit")
+    message = str(info.value)
+    assert str(path) in message and "label 10" in message and "10 classes" in message
+
+
+@pytest.mark.slow
+def test_real_cifar10_images_in_the_official_pickle_format(tmp_path: Path) -> None:
+    """Real CIFAR-10 pixels (from the shared tar) written in the official batch format load unchanged."""
+    archive = SHARED_DATA / "cifar10.tar.gz"
+    if not archive.is_file():
+        pytest.skip(
+            f"real CIFAR-10 not available: {archive.resolve()} does not exist (see shared/data/README.md)"
+        )
+    images, labels = [], []
+    with tarfile.open(archive) as tar:  # the first 12 images are enough; stop reading there
+        for member in tar:
+            if member.isfile() and member.name.endswith(".jpg"):
+                data = np.frombuffer(tar.extractfile(member).read(), np.uint8)
+                images.append(cv2.imdecode(data, cv2.IMREAD_COLOR)[..., ::-1])
+                labels.append(CIFAR10_CLASSES.index(Path(member.name).parent.name))
+                if len(images) == 12:
+                    break
+    rows = np.stack(images).transpose(0, 3, 1, 2).reshape(12, 3072)  # R, G then B planes
+    batches = [(rows[2 * i : 2 * i + 2], labels[2 * i : 2 * i + 2]) for i in range(5)]
+    write_official_cifar10(tmp_path, batches, (rows[10:], labels[10:]), [n.encode() for n in CIFAR10_CLASSES])
+    dm = CIFAR10DataModule(tmp_path, num_workers=0)
+    dm.setup("fit")
+    np.testing.assert_array_equal(dm.train_set.images, np.stack(images[:10]))
+    assert dm.train_set.labels.tolist() == labels[:10] and dm.val_set.labels.tolist() == labels[10:]
+
+
+# ----------------------------------------------------------------------------------------- skip_corrupt
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _corrupt_jpeg(path: Path) -> Path:
+    cv2.imwrite(str(path), np.random.default_rng(5).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    _truncate(path)
+    return path
+
+
+def test_image_folder_truncated_jpeg_stops_by_default(tmp_path: Path) -> None:
+    make_image_folder(tmp_path, {"train": 1, "val": 2}, ["a", "b"])
+    bad = _corrupt_jpeg(tmp_path / "val" / "a" / "0000b.jpg")
+    dm = ImageFolderDataModule(tmp_path, image_size=32, resize=32, batch_size=2, num_workers=0)
+    with pytest.raises(OSError, match=re.escape(f"Cannot decode image file '{bad}'")):
+        list(dm.val_dataloader())
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_image_folder_skip_corrupt(tmp_path: Path, num_workers: int) -> None:
+    written = make_image_folder(tmp_path, {"train": 1, "val": 3}, ["a", "b"])
+    bad = _corrupt_jpeg(tmp_path / "val" / "a" / "0000b.jpg")  # sorted second: a/0000.png, a/0000b.jpg, ...
+    dm = ImageFolderDataModule(
+        tmp_path, image_size=32, resize=32, batch_size=3, num_workers=num_workers, skip_corrupt=True
+    )
+    for epoch in (1, 2):
+        batches = list(dm.val_dataloader())
+        assert [len(labels) for _, labels in batches] == [2, 3, 1]  # 7 files, batches of 3, one dropped
+        images = torch.cat([x for x, _ in batches])
+        assert torch.cat([y for _, y in batches]).tolist() == [0, 0, 0, 1, 1, 1]
+        for image, (path, _) in zip(images, written["val"]):  # every other sample, in order
+            np.testing.assert_array_equal(
+                unnormalise(image, dm.mean, dm.std), cv2.imread(str(path))[..., ::-1]
+            )
+        assert dm.skipped_files == {str(bad): epoch}  # counted once per epoch that reads it
+    with pytest.warns(
+        UserWarning, match=rf"(?s)skipped 2 samples of 1 unreadable files.*{re.escape(str(bad))} \(2x\)"
+    ):
+        dm.teardown("validate")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dm.teardown("validate")  # nothing new since the last report: no warning
+
+
+def test_skip_corrupt_leaves_out_an_all_corrupt_batch(tmp_path: Path) -> None:
+    make_image_folder(tmp_path, {"train": 1, "val": 2}, ["a", "b"])
+    bad = _corrupt_jpeg(tmp_path / "val" / "b" / "0000b.jpg")
+    dm = ImageFolderDataModule(
+        tmp_path, image_size=32, resize=32, batch_size=1, num_workers=0, skip_corrupt=True
+    )
+    loader = dm.val_dataloader()
+    assert len(loader) == 5 and len(list(loader)) == 4
+    assert dm.skipped_files == {str(bad): 1}
+
+
+def test_cifar_image_folder_skip_corrupt(tmp_path: Path) -> None:
+    make_image_folder(tmp_path, {"train": 1, "test": 1}, CIFAR10_CLASSES)
+    bad = tmp_path / "test" / "dog" / "0000.png"
+    _truncate(bad)
+    dm = CIFAR10DataModule(tmp_path, batch_size=4, num_workers=0, skip_corrupt=True)
+    labels = torch.cat([y for _, y in dm.val_dataloader()]).tolist()
+    assert labels == [i for i in range(10) if CIFAR10_CLASSES[i] != "dog"]
+    assert dm.skipped_files == {str(bad): 1}
+    with pytest.raises(OSError, match=re.escape(str(bad))):
+        list(CIFAR10DataModule(tmp_path, batch_size=4, num_workers=0).val_dataloader())
+
+
+def test_skip_corrupt_through_the_trainer(tmp_path: Path) -> None:
+    make_image_folder(tmp_path / "data", {"train": 4, "val": 1}, ["a", "b"], size=(8, 8))
+    bad = tmp_path / "data" / "train" / "b" / "0002.png"
+    _truncate(bad)
+
+    class Tiny(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2))
+            self.seen = 0
+
+        def training_step(self, batch, batch_idx):
+            images, labels = batch
+            self.seen += len(labels)
+            return nn.functional.cross_entropy(self.net(images), labels)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    dm = ImageFolderDataModule(
+        tmp_path / "data",
+        image_size=8,
+        resize=8,
+        batch_size=2,
+        num_workers=0,
+        augment=False,
+        skip_corrupt=True,
+    )
+    model = Tiny()
+    trainer = L.Trainer(
+        max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        limit_val_batches=0, default_root_dir=tmp_path,
+    )  # fmt: skip
+    with pytest.warns(
+        UserWarning, match=rf"(?s)ImageFolderDataModule skipped 1 samples.*stage 'fit'.*{re.escape(str(bad))}"
+    ):
+        trainer.fit(model, datamodule=dm)
+    assert model.seen == 7 and trainer.global_step == 4 and dm.skipped_files == {str(bad): 1}
+
+
+def test_skip_corrupt_refills_an_all_corrupt_train_batch_and_validation_still_runs(tmp_path: Path) -> None:
+    """Lightning validates at the end of an epoch by counting its batches: none may go missing."""
+    make_image_folder(tmp_path / "data", {"train": 3, "val": 1}, ["a", "b"], size=(8, 8))
+    bad = tmp_path / "data" / "train" / "b" / "0001.png"
+    _truncate(bad)
+
+    class Tiny(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2))
+            self.validations = 0
+
+        def training_step(self, batch, batch_idx):
+            images, labels = batch
+            assert len(labels) == 1
+            return nn.functional.cross_entropy(self.net(images), labels)
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", nn.functional.cross_entropy(self.net(batch[0]), batch[1]))
+
+        def on_validation_epoch_end(self) -> None:
+            self.validations += not self.trainer.sanity_checking
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    dm = ImageFolderDataModule(
+        tmp_path / "data",
+        image_size=8,
+        resize=8,
+        batch_size=1,
+        num_workers=0,
+        augment=False,
+        skip_corrupt=True,
+    )
+    model = Tiny()
+    trainer = L.Trainer(
+        max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match=re.escape(str(bad))):
+        trainer.fit(model, datamodule=dm)
+    assert trainer.global_step == 12 and model.validations == 2  # 6 steps per epoch, one validation each
+    assert dm.skipped_files[str(bad)] >= 2

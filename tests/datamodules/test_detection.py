@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.detection import (
+from datamodules import (
     COCODetectionDataModule,
     DetectionDataset,
     DetectionRecord,
@@ -319,3 +319,89 @@ def test_coco_errors(tmp_path):
     (root / "annotations" / "instances_train2017.json").write_text("{not json")
     with pytest.raises(ValueError, match="instances_train2017.json"):
         COCODetectionDataModule(root, num_workers=0)
+
+
+# ---------------------------------------------------------------- labels outside the class list
+
+
+def test_coco_val_category_unknown_to_train_names_the_file(tmp_path):
+    root = _coco_replica(tmp_path / "coco")
+    path = root / "annotations" / "instances_val2017.json"
+    data = json.loads(path.read_text())
+    data["categories"].append({"id": 42, "name": "zebra"})
+    data["annotations"].append(
+        {"id": 9, "image_id": 12, "category_id": 42, "bbox": [1, 1, 5, 5], "iscrowd": 0}
+    )
+    path.write_text(json.dumps(data))
+    dm = COCODetectionDataModule(root, num_workers=0)
+    with pytest.raises(
+        ValueError, match=r"instances_val2017\.json: annotation 9 of image 12 has category_id 42"
+    ):
+        dm.setup("validate")
+
+
+def test_coco_class_map_must_give_labels_one_to_n(tmp_path):
+    from datamodules import load_coco_records
+
+    root = _coco_replica(tmp_path / "coco")
+    annotations = root / "annotations" / "instances_train2017.json"
+    with pytest.raises(ValueError, match=r"labels 1\.\.3 .*\{1: 1, 3: 2, 7: 5\}"):
+        load_coco_records(annotations, root / "train2017", {1: 1, 3: 2, 7: 5})
+
+
+# ---------------------------------------------------------------- skip_corrupt
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _textured_jpeg(path: Path, seed: int) -> None:
+    cv2.imwrite(str(path), np.random.default_rng(seed).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_voc_skip_corrupt(tmp_path, num_workers):
+    ids = ("img0", "img1", "img2", "img3")
+    root = _voc_replica(tmp_path / "voc", _obj("a", (1, 1, 10, 20)), ids)
+    for seed, name in enumerate(ids):
+        _textured_jpeg(root / "JPEGImages" / f"{name}.jpg", seed)
+    bad = root / "JPEGImages" / "img2.jpg"
+    _truncate(bad)
+    with pytest.raises(OSError, match=r"(?s)img2\.jpg.*Annotations/<id>\.xml"):
+        list(VOCDetectionDataModule(root, ["a"], num_workers=0, batch_size=2).val_dataloader())
+    dm = VOCDetectionDataModule(root, ["a"], num_workers=num_workers, batch_size=2, skip_corrupt=True)
+    batches = list(dm.val_dataloader())
+    assert [[t["image_id"] for t in targets] for _, targets in batches] == [[0, 1], [3]]
+    assert dm.skipped_files == {str(bad): 1}
+    with pytest.warns(UserWarning, match=r"(?s)VOCDetectionDataModule skipped 1 samples.*img2\.jpg \(1x\)"):
+        dm.teardown("validate")
+
+
+def test_voc_size_read_from_a_corrupt_image_is_skipped(tmp_path):
+    root = _voc_replica(tmp_path / "voc", _obj("a", (1, 1, 10, 20)), ("img0", "img1"))
+    xml = root / "Annotations" / "img1.xml"
+    xml.write_text(
+        xml.read_text().replace("<width>60</width><height>40</height>", "<width>0</width><height>0</height>")
+    )
+    bad = root / "JPEGImages" / "img1.jpg"
+    _truncate(bad)
+    with pytest.raises(OSError, match=r"img1\.jpg"):
+        VOCDetectionDataModule(root, ["a"], num_workers=0).setup("validate")
+    dm = VOCDetectionDataModule(root, ["a"], num_workers=0, skip_corrupt=True)
+    dm.setup("validate")
+    assert [r.image_id for r in dm.val_set.records] == [0] and dm.skipped_files == {str(bad): 1}
+
+
+def test_coco_skip_corrupt(tmp_path):
+    root = _coco_replica(tmp_path / "coco")
+    bad = root / "val2017" / "000000000001.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    dm = COCODetectionDataModule(
+        root, num_workers=0, batch_size=3, augment=False, min_size=None, max_size=None, skip_corrupt=True
+    )
+    with pytest.warns(UserWarning, match="dropped 1 boxes"):
+        (images, targets), *rest = list(dm.val_dataloader())
+    assert rest == [] and [t["image_id"] for t in targets] == [10, 12] and len(images) == 2
+    assert dm.skipped_files == {str(bad): 1}

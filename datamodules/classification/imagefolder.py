@@ -1,24 +1,20 @@
-"""ImageFolder and ImageNet datamodules (``<split>/<class>/<image>`` trees)."""
+"""Classification from any ImageFolder tree (``<split>/<class>/<image>``)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from lightning.pytorch.utilities import rank_zero_warn
-
 from datamodules.base import BaseClassificationDataModule, Split
-from datamodules.datasets import IMG_EXTENSIONS, ImageFileDataset, find_classes, list_images
-from datamodules.transforms import (
+from datamodules.classification.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     imagenet_eval_transform,
     imagenet_train_transform,
 )
+from datamodules.datasets import IMG_EXTENSIONS, ImageFileDataset, find_classes, list_images
 
-__all__ = ["ImageFolderDataModule", "ImageNetDataModule"]
-
-_IMAGENET_CLASSES = 1000  # ILSVRC-2012 classification (Russakovsky et al., IJCV 2015, arXiv:1409.0575)
+__all__ = ["ImageFolderDataModule"]
 
 
 def _expected_tree(train_dir: str, val_dir: str) -> str:
@@ -45,7 +41,9 @@ class ImageFolderDataModule(BaseClassificationDataModule):
     Classes are the sorted names of the sub-folders of ``train_dir`` (as torchvision's
     ``ImageFolder``; hidden folders are skipped), so the label of ``n01440764`` is 0 on ImageNet.
     Images below a class folder are found recursively and read with OpenCV as RGB when indexed; an
-    unreadable file raises an ``OSError`` naming it. Training uses Inception-style random resized
+    unreadable file raises an ``OSError`` naming it (``skip_corrupt=True``: it is skipped, counted and
+    listed, see :class:`~datamodules.base.BaseDataModule`). Labels come from the folder names, so they
+    are in range by construction. Training uses Inception-style random resized
     crops and horizontal flips; validation resizes the shorter side to ``resize`` and center-crops
     ``image_size``. Test and predict use the validation split.
 
@@ -65,6 +63,8 @@ class ImageFolderDataModule(BaseClassificationDataModule):
             (256 for 224, the torchvision protocol).
         augment: random resized crop + flip on the training split (else the validation transform).
         min_scale: smallest crop area fraction of the random resized crop.
+        skip_corrupt: skip unreadable image files (dropped from their batch, listed at the end of the
+            stage) instead of stopping with an error naming them.
 
     Raises:
         FileNotFoundError: ``data_dir``, ``train_dir`` or ``val_dir`` is missing, or a split has no
@@ -89,8 +89,9 @@ class ImageFolderDataModule(BaseClassificationDataModule):
         resize: int | None = None,
         augment: bool = True,
         min_scale: float = 0.08,
+        skip_corrupt: bool = False,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, skip_corrupt=skip_corrupt)
         if resize is None:
             resize = round(image_size * 256 / 224)  # torchvision reference: resize 256, crop 224
         if image_size < 1 or resize < image_size:
@@ -151,60 +152,4 @@ class ImageFolderDataModule(BaseClassificationDataModule):
             tf = imagenet_train_transform(self.image_size, self.mean, self.std, scale=(self.min_scale, 1.0))
         else:
             tf = imagenet_eval_transform(self.image_size, self.resize, self.mean, self.std)
-        return ImageFileDataset(split_dir, files, labels, tf)
-
-
-class ImageNetDataModule(ImageFolderDataModule):
-    """ImageNet-1k (ILSVRC-2012) from the usual ``train/<wnid>/*.JPEG``, ``val/<wnid>/*.JPEG`` tree.
-
-    :class:`ImageFolderDataModule` with ImageNet defaults (224 px crops, ImageNet mean/std, batch 256,
-    8 workers). The official validation images come in one flat folder: sort them into ``val/<wnid>/``
-    first (e.g. with the ``valprep.sh`` script linked from the PyTorch ImageNet example). Labels are the
-    indices of the sorted wnids, the order of torchvision's and timm's pretrained ImageNet weights.
-    Warns if the tree does not have 1000 classes (a subset such as ImageNet-100 still works).
-
-    Args:
-        data_dir: folder holding ``train/`` and ``val/``.
-        image_size: side of the square crops.
-        batch_size: samples per batch (per device).
-        num_workers: DataLoader worker processes.
-        resize: shorter side before the validation center crop (default 256 for 224).
-        augment: random resized crop + flip on the training split.
-        min_scale: smallest crop area fraction of the random resized crop.
-
-    Example:
-        >>> dm = ImageNetDataModule("/datasets/imagenet")  # doctest: +SKIP
-        >>> dm.num_classes, dm.classes[0]  # doctest: +SKIP
-        (1000, 'n01440764')
-    """
-
-    def __init__(
-        self,
-        data_dir: str | os.PathLike,
-        image_size: int = 224,
-        batch_size: int = 256,
-        num_workers: int = 8,
-        resize: int | None = None,
-        augment: bool = True,
-        min_scale: float = 0.08,
-    ) -> None:
-        super().__init__(
-            data_dir,
-            image_size=image_size,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            train_dir="train",
-            val_dir="val",
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
-            resize=resize,
-            augment=augment,
-            min_scale=min_scale,
-        )
-        self.save_hyperparameters()
-        if self.num_classes != _IMAGENET_CLASSES:
-            rank_zero_warn(
-                f"ImageNet-1k has {_IMAGENET_CLASSES} classes but '{self.data_dir / 'train'}' has "
-                f"{self.num_classes} class folders; labels follow the sorted folder names of this tree.",
-                category=UserWarning,
-            )
+        return ImageFileDataset(split_dir, files, labels, tf, skip_log=self.skip_log)

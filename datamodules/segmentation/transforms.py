@@ -15,7 +15,7 @@ import albumentations as A
 import cv2
 from albumentations.pytorch import ToTensorV2
 
-from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
+from datamodules.classification.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["seg_eval_transform", "seg_train_transform"]
 

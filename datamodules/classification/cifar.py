@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _compat_pickle  # the Python 2 -> 3 name tables pickle itself uses for protocols 0-2
 import os
 import pickle
 from dataclasses import dataclass
@@ -11,8 +12,7 @@ from typing import Any, Literal
 import numpy as np
 
 from datamodules.base import BaseClassificationDataModule, Split
-from datamodules.datasets import ArrayDataset, ImageFileDataset, find_classes, list_images
-from datamodules.transforms import (
+from datamodules.classification.transforms import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     CIFAR100_MEAN,
@@ -20,6 +20,7 @@ from datamodules.transforms import (
     cifar_eval_transform,
     cifar_train_transform,
 )
+from datamodules.datasets import ArrayDataset, ImageFileDataset, find_classes, list_images
 
 __all__ = ["CIFAR100DataModule", "CIFAR10DataModule"]
 
@@ -132,10 +133,68 @@ def _resolve(spec: _CIFARSpec, data_dir: Path) -> tuple[Literal["pickle", "image
     return "imagefolder", found[0], found[1]
 
 
+# The only globals the official python release refers to: its batches were written by Python 2's cPickle
+# (protocol 2) and hold dicts, lists, byte strings, ints and one numpy array, rebuilt through
+# numpy.core.multiarray._reconstruct, numpy.ndarray and numpy.dtype. numpy >= 2 spells the module
+# numpy._core (copies re-pickled with it), and Python 3 writes bytes at protocol 2 as _codecs.encode.
+_CIFAR_GLOBALS = frozenset(
+    {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+)
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle asked for a global outside :data:`_CIFAR_GLOBALS`."""
+
+
+class _CIFARUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only :data:`_CIFAR_GLOBALS`, so reading a file never runs its code."""
+
+    def __init__(self, file: Any, path: Path) -> None:
+        super().__init__(file, encoding="bytes")
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _CIFAR_GLOBALS:
+            allowed = ", ".join(sorted(f"{m}.{n}" for m, n in _CIFAR_GLOBALS))
+            python3 = _python3_name(module, name)
+            also = f" (Python 3: {python3})" if python3 != f"{module}.{name}" else ""
+            raise _RefusedGlobal(
+                f"Refusing to load '{self.path}': it asks for the global '{module}.{name}'{also}, which a "
+                f"CIFAR python batch never contains (only {allowed}); loading it could run code. Use the "
+                "official cifar-*-python.tar.gz files (or the ImageFolder layout)."
+            )
+        if name == "_reconstruct":  # from the installed numpy, whichever spelling the file used
+            return _numpy_reconstruct()
+        return super().find_class(module, name)
+
+
+def _python3_name(module: str, name: str) -> str:
+    """The Python 3 name of a global that a protocol 0-2 pickle spells the Python 2 way (``__builtin__``)."""
+    module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+    return f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{name}"
+
+
+def _numpy_reconstruct() -> Any:
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2 has only numpy.core
+        from numpy.core.multiarray import _reconstruct
+    return _reconstruct
+
+
 def _unpickle(path: Path) -> dict[str, Any]:
+    """Read one CIFAR python batch (a dict) without running code the file may ask for."""
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
+            obj = _CIFARUnpickler(f, path).load()
+    except _RefusedGlobal:
+        raise
     except Exception as err:
         raise ValueError(f"Cannot read '{path}' as a CIFAR python pickle: {err}") from err
     if not isinstance(obj, dict):
@@ -154,8 +213,14 @@ def _load_batches(paths: list[Path], label_key: str, num_classes: int) -> tuple[
         y = np.asarray(batch[label_key], dtype=np.int64)
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(y):
             raise ValueError(f"'{path}': 'data' {data.shape} and {len(y)} labels; expected (N, 3072) and N.")
-        if len(y) and (y.min() < 0 or y.max() >= num_classes):
-            raise ValueError(f"'{path}': labels outside [0, {num_classes - 1}].")
+        bad = y[(y < 0) | (y >= num_classes)]
+        if len(bad):
+            worst = int(bad[np.abs(bad).argmax()])
+            raise ValueError(
+                f"'{path}' holds label {worst} ({len(bad)} labels outside 0..{num_classes - 1}), but "
+                f"this set has {num_classes} classes. Check that the file belongs to this data set "
+                "(CIFAR-10 and CIFAR-100 batches are not interchangeable) and is not modified."
+            )
         # Rows are the red, green then blue 32x32 planes, each row-major.
         images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         labels.append(y)
@@ -178,8 +243,9 @@ class _CIFARDataModule(BaseClassificationDataModule):
         pad_mode: Literal["constant", "reflect"],
         mean: tuple[float, float, float],
         std: tuple[float, float, float],
+        skip_corrupt: bool,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, skip_corrupt=skip_corrupt)
         if not 0.0 <= val_split < 1.0:
             raise ValueError(f"val_split must be in [0, 1), got {val_split}.")
         if pad_mode not in ("constant", "reflect"):
@@ -223,7 +289,7 @@ class _CIFARDataModule(BaseClassificationDataModule):
                 files, labels = list_images(split_dir, self.classes)
                 if len(files) == 0:
                     raise FileNotFoundError(f"No images in '{split_dir}'.\n{_expected_layouts(self._spec)}")
-                self._sources[split] = ImageFileDataset(split_dir, files, labels)
+                self._sources[split] = ImageFileDataset(split_dir, files, labels, skip_log=self.skip_log)
         return self._sources[split]
 
     def _holdout(self) -> tuple[np.ndarray, np.ndarray]:
@@ -263,12 +329,16 @@ class CIFAR10DataModule(_CIFARDataModule):
     (a) the official python release, ``cifar-10-python.tar.gz`` extracted: ``data_dir`` is the folder
         holding ``cifar-10-batches-py/`` or that folder itself (``data_batch_1`` ... ``data_batch_5``,
         ``test_batch``, ``batches.meta``; class names from ``batches.meta``). The pickles are read
-        whole into memory (180 MB). Only load pickles you trust: unpickling can run code.
+        whole into memory (180 MB) by an unpickler that resolves only the numpy array globals those
+        files use, and refuses any other (a crafted pickle cannot run code). Labels are checked
+        against the class count.
     (b) an ImageFolder tree ``data_dir/{train,test}/<class>/*.png|jpg`` (``val/`` is accepted in place
         of ``test/``); ``data_dir`` may also be a parent holding a single such tree (e.g. ``cifar10/``).
         Classes are the sorted folder names, which for the official names is the official order
         (airplane, automobile, bird, cat, deer, dog, frog, horse, ship, truck). Files are read when
-        indexed.
+        indexed; with ``skip_corrupt=True`` an unreadable file is skipped (dropped from its batch,
+        listed at the end of the stage) instead of stopping the run with an error naming it. (The
+        python release is read whole at ``setup``: a corrupt pickle is always an error.)
 
     Splits: with ``val_split=0`` (default) validation, test and predict all use the official test set,
     the usual protocol of CIFAR papers (there is no official validation set). With ``val_split > 0``
@@ -285,10 +355,13 @@ class CIFAR10DataModule(_CIFARDataModule):
         pad_mode: padding before the random crop, ``"constant"`` (zeros) or ``"reflect"``.
         mean: normalisation mean (pixels scaled to [0, 1]).
         std: normalisation standard deviation.
+        skip_corrupt: ImageFolder layout: skip unreadable image files instead of stopping.
 
     Raises:
         FileNotFoundError: no known layout under ``data_dir``; the message shows both layouts.
-        ValueError: the data does not look like CIFAR-10 (wrong class count, malformed pickle).
+        ValueError: the data does not look like CIFAR-10 (wrong class count, labels out of range,
+            malformed pickle).
+        pickle.UnpicklingError: a pickle asks for anything but numpy's array reconstruction.
 
     Example:
         >>> dm = CIFAR10DataModule("../shared/data/cifar10")  # doctest: +SKIP
@@ -310,8 +383,11 @@ class CIFAR10DataModule(_CIFARDataModule):
         pad_mode: Literal["constant", "reflect"] = "constant",
         mean: tuple[float, float, float] = CIFAR10_MEAN,
         std: tuple[float, float, float] = CIFAR10_STD,
+        skip_corrupt: bool = False,
     ) -> None:
-        super().__init__(data_dir, batch_size, num_workers, augment, val_split, seed, pad_mode, mean, std)
+        super().__init__(
+            data_dir, batch_size, num_workers, augment, val_split, seed, pad_mode, mean, std, skip_corrupt
+        )
 
 
 class CIFAR100DataModule(_CIFARDataModule):
@@ -341,5 +417,8 @@ class CIFAR100DataModule(_CIFARDataModule):
         pad_mode: Literal["constant", "reflect"] = "constant",
         mean: tuple[float, float, float] = CIFAR100_MEAN,
         std: tuple[float, float, float] = CIFAR100_STD,
+        skip_corrupt: bool = False,
     ) -> None:
-        super().__init__(data_dir, batch_size, num_workers, augment, val_split, seed, pad_mode, mean, std)
+        super().__init__(
+            data_dir, batch_size, num_workers, augment, val_split, seed, pad_mode, mean, std, skip_corrupt
+        )
