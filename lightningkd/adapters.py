@@ -6,8 +6,9 @@ moved to the device with the distiller.
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lightningkd.functional._helpers import check_positive_int
 
 
 class ConvAdapter(nn.Sequential):
@@ -22,7 +23,12 @@ class ConvAdapter(nn.Sequential):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, relu: bool = False) -> None:
-        _check_sizes(in_channels=in_channels, out_channels=out_channels, kernel_size=kernel_size)
+        for key, value in (
+            ("in_channels", in_channels),
+            ("out_channels", out_channels),
+            ("kernel_size", kernel_size),
+        ):
+            check_positive_int("ConvAdapter", key, value)
         layers: list[nn.Module] = [
             nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
             nn.BatchNorm2d(out_channels),
@@ -53,7 +59,8 @@ class LinearAdapter(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__()
-        _check_sizes(in_features=in_features, out_features=out_features)
+        check_positive_int("LinearAdapter", "in_features", in_features)
+        check_positive_int("LinearAdapter", "out_features", out_features)
         self.proj = nn.Linear(in_features, out_features, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -62,39 +69,3 @@ class LinearAdapter(nn.Module):
                 f"LinearAdapter expects features whose last size is {self.proj.in_features}, got {tuple(x.shape)}."
             )
         return self.proj(x)
-
-
-def match_spatial(x: Tensor, size: tuple[int, int], mode: str = "bilinear") -> Tensor:
-    """Resize a ``(N, C, H, W)`` map to ``size``; a no-op when it already has that size.
-
-    ``mode="pool"`` uses adaptive average pooling (for shrinking), any other value is passed to
-    :func:`torch.nn.functional.interpolate`.
-    """
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    if mode == "pool":
-        return F.adaptive_avg_pool2d(x, size)
-    align = False if mode in ("bilinear", "bicubic") else None
-    return F.interpolate(x, size=size, mode=mode, align_corners=align)
-
-
-def flatten_embedding(x: Tensor) -> Tensor:
-    """Turn a pooled feature ``(N, D)``, ``(N, D, 1, 1)`` or un-pooled ``(N, D, H, W)`` map into ``(N, D)``.
-
-    Un-pooled maps are global-average-pooled, the usual penultimate embedding of a CNN.
-    """
-    if x.ndim == 2:
-        return x
-    if x.ndim == 4:
-        return x.mean(dim=(2, 3)) if x.shape[-2:] != (1, 1) else x.flatten(1)
-    if x.ndim == 3:  # (N, L, D) tokens: average over tokens
-        return x.mean(dim=1)
-    raise ValueError(
-        f"Expected an embedding of shape (N, D), (N, D, H, W) or (N, L, D), got {tuple(x.shape)}."
-    )
-
-
-def _check_sizes(**sizes: int) -> None:
-    for key, value in sizes.items():
-        if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{key} must be a positive integer, got {value!r}.")

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightningkd.distillers.base import OUTPUT
+Features = Mapping[str, Tensor]
+"""Tapped activations of one model: ``"output"`` is the model's own output, other keys are layer names."""
+
+OUTPUT = "output"
+"""Key of the model's own output in :data:`Features` (always present, never a layer name)."""
 
 
 def list_layers(model: nn.Module) -> list[str]:

@@ -28,6 +28,13 @@ def tensor(spec: dict[str, Any], dtype: torch.dtype | None = None) -> torch.Tens
     return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
 
+def parse_distiller(spec: dict[str, Any]) -> Any:
+    """Parse a distiller spec (``class_path`` / ``init_args``) as LightningCLI does; bad values raise."""
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--distiller", type=Distiller)
+    return parser.parse_object({"distiller": spec})
+
+
 def log_softmax_by_hand(values: list[float]) -> list[float]:
     """``log softmax`` of a list of floats in plain Python (for known values computed independently)."""
     m = max(values)
@@ -40,8 +47,12 @@ def kl_by_hand(log_p: list[float], log_q: list[float]) -> float:
     return sum(math.exp(a) * (a - b) for a, b in zip(log_p, log_q))
 
 
+Inputs = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any] | None]
+
+
 class DistillerTester:
-    """Subclass and define :meth:`make`, :meth:`inputs` and :attr:`yaml_config`.
+    """Subclass and define :meth:`make`, :meth:`inputs`, :meth:`twin`, :attr:`yaml_config` and, for a
+    multi-term distiller, :attr:`term_names`; dense distillers also define :meth:`resized_inputs`.
 
     ``inputs`` returns ``(student_features, teacher_features, batch)`` with float32 tensors; student tensors
     must be leaves with ``requires_grad=True``; teacher tensors must not require grad (as produced by the
@@ -49,12 +60,23 @@ class DistillerTester:
     """
 
     yaml_config: str = ""
+    term_names: tuple[str, ...] = ("loss",)
+    """The keys :meth:`Distiller.terms` must return, in order."""
 
     def make(self) -> Distiller:
         raise AssertionError("DistillerTester subclasses must define make()")
 
-    def inputs(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any] | None]:
+    def inputs(self) -> Inputs:
         raise AssertionError("DistillerTester subclasses must define inputs()")
+
+    def twin(self, distiller: Distiller, student, teacher, batch) -> torch.Tensor:
+        """The functional form (``lightningkd.functional``) on the same features, with the distiller's
+        hyper-parameters and its learnable adapters applied as the distiller applies them."""
+        raise AssertionError("DistillerTester subclasses must define twin()")
+
+    def resized_inputs(self) -> Inputs | None:
+        """Dense inputs whose student and teacher maps differ in spatial size (None: not a dense method)."""
+        return None
 
     def test_scalar_and_finite(self) -> None:
         torch.manual_seed(0)
@@ -84,6 +106,43 @@ class DistillerTester:
         for name, p in distiller.named_parameters():
             assert p.grad is not None and p.grad.abs().sum() > 0, f"adapter parameter {name} got no gradient"
 
+    def test_terms_sum_to_forward(self) -> None:
+        torch.manual_seed(0)
+        distiller = self.make().eval()  # eval: no memory-bank update between the two calls
+        student, teacher, batch = self.inputs()
+        torch.manual_seed(1)  # the same random draws (e.g. memory slots) in both calls
+        terms = distiller.terms(student, teacher, batch)
+        torch.manual_seed(1)
+        loss = distiller(student, teacher, batch)
+        assert tuple(terms) == self.term_names
+        assert all(isinstance(key, str) and key for key in terms)
+        assert all(torch.is_tensor(v) and v.ndim == 0 for v in terms.values())
+        total = math.fsum(v.item() for v in terms.values())
+        assert total == pytest.approx(loss.item(), rel=1e-6, abs=1e-12)
+
+    def test_functional_twin_agrees(self) -> None:
+        self._check_twin(self.inputs())
+
+    def test_functional_twin_agrees_on_different_spatial_sizes(self) -> None:
+        inputs = self.resized_inputs()
+        if inputs is None:
+            pytest.skip("no dense inputs of different spatial sizes for this tester (resized_inputs is None)")
+        student, teacher, _ = inputs
+        s_sizes = {tuple(v.shape[2:]) for v in student.values()}
+        t_sizes = {tuple(v.shape[2:]) for v in teacher.values()}
+        assert s_sizes.isdisjoint(t_sizes), "resized_inputs must give the two models different spatial sizes"
+        self._check_twin(inputs)
+
+    def _check_twin(self, inputs: Inputs) -> None:
+        torch.manual_seed(0)
+        distiller = self.make().eval()  # eval: deterministic adapters (dropout, BatchNorm statistics)
+        student, teacher, batch = inputs
+        torch.manual_seed(1)
+        got = distiller(student, teacher, batch)
+        torch.manual_seed(1)
+        expected = self.twin(distiller, student, teacher, batch)
+        assert got.item() == pytest.approx(expected.item(), rel=1e-6, abs=1e-12)
+
     def test_builds_from_yaml(self) -> None:
         parser = ArgumentParser()
         parser.add_argument("--distiller", type=Distiller)
@@ -94,7 +153,5 @@ class DistillerTester:
     def test_yaml_typo_fails(self) -> None:
         spec = yaml.safe_load(self.yaml_config)
         spec.setdefault("init_args", {})["no_such_argument"] = 1
-        parser = ArgumentParser(exit_on_error=False)
-        parser.add_argument("--distiller", type=Distiller)
         with pytest.raises(Exception, match="no_such_argument"):
-            parser.parse_object({"distiller": spec})
+            parse_distiller(spec)

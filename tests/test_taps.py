@@ -3,6 +3,7 @@ import pickle
 
 import pytest
 import torch
+from torch import nn
 
 from lightningkd import FeatureTap, list_layers
 from lightningkd.taps import describe_layers
@@ -24,14 +25,38 @@ def test_tap_returns_named_features_and_output() -> None:
     torch.testing.assert_close(feats["output"], model(torch.zeros(2, 3, 8, 8)))
 
 
+class SometimesSide(nn.Module):
+    """``main``, then ``side`` only while :attr:`use_side` is set: a layer that runs on some calls only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.main = nn.Linear(2, 2)
+        self.side = nn.Linear(2, 2)
+        self.use_side = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.main(x)
+        return self.side(x) if self.use_side else x
+
+
 def test_features_are_cleared_between_calls() -> None:
-    model = toy_classifier()
-    tap = FeatureTap(model, ["block"])
-    tap(torch.ones(1, 3, 8, 8))
+    model = SometimesSide()
+    tap = FeatureTap(model, ["main", "side"])
+    assert set(tap(torch.ones(1, 2))) == {"main", "side", "output"}
     assert tap.features == {}  # nothing kept after a call
-    model(torch.ones(1, 3, 8, 8))  # a plain forward outside the tap is recorded...
-    feats = tap(torch.zeros(1, 3, 8, 8))  # ...but dropped at the next tapped call
-    torch.testing.assert_close(feats["block"], model.block(model.stem(torch.zeros(1, 3, 8, 8))))
+    model.use_side = False
+    feats = tap(torch.ones(1, 2))
+    assert set(feats) == {"main", "output"}  # no stale "side" from the previous call
+
+
+def test_features_of_an_untapped_forward_are_dropped() -> None:
+    model = SometimesSide()
+    tap = FeatureTap(model, ["main", "side"])
+    model(torch.ones(1, 2))  # a plain forward outside the tap is recorded by the hooks...
+    model.use_side = False
+    feats = tap(torch.zeros(1, 2))  # ...but dropped when the next tapped call starts
+    assert set(feats) == {"main", "output"}
+    torch.testing.assert_close(feats["main"], model.main(torch.zeros(1, 2)))
 
 
 def test_unknown_layer_lists_valid_names() -> None:

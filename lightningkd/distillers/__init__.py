@@ -1,7 +1,7 @@
 """Distillation losses (one file per method). Every public class takes explicit keyword arguments."""
 
 from lightningkd.distillers.at import AT
-from lightningkd.distillers.base import Distiller, Features
+from lightningkd.distillers.base import OUTPUT, Distiller, Features, sum_terms
 from lightningkd.distillers.bpkd import BPKD
 from lightningkd.distillers.cirkd import CIRKDMemory, CIRKDMiniBatch
 from lightningkd.distillers.cwd import CWD, ChannelWiseDivergence
@@ -9,7 +9,7 @@ from lightningkd.distillers.dist import DIST
 from lightningkd.distillers.dkd import DKD
 from lightningkd.distillers.fitnet import FitNet
 from lightningkd.distillers.kd import KD
-from lightningkd.distillers.nd import ND, class_centers, load_class_centers
+from lightningkd.distillers.nd import ND
 from lightningkd.distillers.pixel_kd import PixelKD
 from lightningkd.distillers.rkd import RKD
 from lightningkd.distillers.skd import SKD, PairwiseSimilarityKD
@@ -32,6 +32,6 @@ __all__ = [
     "Distiller",
     "Features",
     "FitNet",
-    "class_centers",
-    "load_class_centers",
+    "OUTPUT",
+    "sum_terms",
 ]

@@ -7,8 +7,9 @@ from typing import Any
 
 from torch import Tensor
 
-from lightningkd.distillers.base import Distiller, Features, require
-from lightningkd.functional.at import AT_RESIZE_MODES, _check_p, at_loss
+from lightningkd.distillers.base import Distiller, Features, require, sum_terms
+from lightningkd.functional._helpers import check_choice, check_positive
+from lightningkd.functional.at import AT_RESIZE_MODES, ATResize, at_loss
 
 
 class AT(Distiller):
@@ -19,7 +20,8 @@ class AT(Distiller):
     szagoruyko/attention-transfer ``utils.py`` (893df54): for each pair, the mean over batch and positions
     of the squared difference of the L2-normalised maps ``mean_c |A_c|^p``
     (:func:`~lightningkd.functional.at.at_loss`); the pairs are summed. No learnable parameters; channel
-    counts may differ.
+    counts may differ. :meth:`terms` gives one term per pair, keyed by the student layer (or ``"pair<i>"``
+    when a student layer is used twice).
 
     Published setting: ``weight=1000`` (beta in the README commands; the paper writes beta/2 but the code
     applies beta with no 1/2; mdistiller also uses 1000) with p = 2, on the outputs of the residual groups
@@ -57,7 +59,7 @@ class AT(Distiller):
         student_layers: list[str],
         teacher_layers: list[str],
         p: float = 2.0,
-        resize: str = "pool_larger",
+        resize: ATResize = "pool_larger",
         weight: float = 1.0,
         name: str | None = None,
     ) -> None:
@@ -71,28 +73,31 @@ class AT(Distiller):
                 f"{len(student_layers)} student layers {list(student_layers)} and {len(teacher_layers)} "
                 f"teacher layers {list(teacher_layers)}."
             )
-        _check_p(p, "AT")
-        if resize not in AT_RESIZE_MODES:
-            raise ValueError(f"AT: resize must be one of {AT_RESIZE_MODES}, got {resize!r}.")
+        self.p = check_positive("AT", "p", p)
+        self.resize = check_choice("AT", "resize", resize, AT_RESIZE_MODES)
         self.student_layers = tuple(student_layers)
         self.teacher_layers = tuple(teacher_layers)
-        self.p = float(p)
-        self.resize = resize
+        unique = len(set(self.student_layers)) == len(self.student_layers)
+        self.term_names = (
+            self.student_layers if unique else tuple(f"pair{i}" for i in range(len(student_layers)))
+        )
 
-    def forward(self, student: Features, teacher: Features, batch: Mapping[str, Any] | None = None) -> Tensor:
-        losses = [
-            at_loss(
+    def terms(
+        self, student: Features, teacher: Features, batch: Mapping[str, Any] | None = None
+    ) -> dict[str, Tensor]:
+        """One loss per layer pair, keyed by :attr:`term_names`."""
+        return {
+            key: at_loss(
                 require(student, s, "AT", "student"),
                 require(teacher, t, "AT", "teacher"),
                 self.p,
                 self.resize,
             )
-            for s, t in zip(self.student_layers, self.teacher_layers)
-        ]
-        total = losses[0]
-        for loss in losses[1:]:
-            total = total + loss
-        return total
+            for key, s, t in zip(self.term_names, self.student_layers, self.teacher_layers)
+        }
+
+    def forward(self, student: Features, teacher: Features, batch: Mapping[str, Any] | None = None) -> Tensor:
+        return sum_terms(self.terms(student, teacher, batch))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, p={self.p}, resize={self.resize!r}, pairs={len(self.student_layers)}"

@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-Features = Mapping[str, Tensor]
-"""Tapped activations of one model: ``"output"`` is the model's own output, other keys are layer names."""
+from lightningkd.functional._helpers import check_non_negative
+from lightningkd.taps import OUTPUT, Features
 
-OUTPUT = "output"
+__all__ = ["OUTPUT", "Distiller", "Features", "require", "require_labels", "sum_terms"]
 
 
 class Distiller(nn.Module, abc.ABC):
@@ -24,7 +24,9 @@ class Distiller(nn.Module, abc.ABC):
     checkpoints with the student.
 
     Subclasses set :attr:`student_layers` and :attr:`teacher_layers` to the layer names they read (the
-    module taps exactly those) and implement :meth:`forward`.
+    module taps exactly those) and implement :meth:`forward`. A loss made of several terms also overrides
+    :meth:`terms`, and its :meth:`forward` returns ``sum_terms(self.terms(...))``: one code path, so the
+    logged parts always add up to the loss.
 
     Args:
         weight: factor applied by the LightningModule to this loss in the total.
@@ -46,15 +48,33 @@ class Distiller(nn.Module, abc.ABC):
 
     def __init__(self, *, weight: float = 1.0, name: str | None = None) -> None:
         super().__init__()
-        if not isinstance(weight, (int, float)) or weight < 0:
-            raise ValueError(f"{type(self).__name__}: weight must be a number >= 0, got {weight!r}.")
-        self.weight = float(weight)
+        self.weight = check_non_negative(type(self).__name__, "weight", weight)
         self.name = name or type(self).__name__.lower()
         self.scale = 1.0
 
     @abc.abstractmethod
     def forward(self, student: Features, teacher: Features, batch: Mapping[str, Any] | None = None) -> Tensor:
         """Return the unweighted 0-dim loss from the student's and teacher's features."""
+
+    def terms(
+        self, student: Features, teacher: Features, batch: Mapping[str, Any] | None = None
+    ) -> dict[str, Tensor]:
+        """The loss split into named 0-dim parts whose sum is :meth:`forward` (for logging).
+
+        Each part is already multiplied by its own coefficient inside the distiller (alpha/beta, edge/body
+        weights, ...), never by :attr:`weight` or :attr:`scale`. This default has one part, ``"loss"``;
+        multi-term distillers return one entry per term, and the module logs them as
+        ``train/kd/<name>/<term>``. Call it instead of :meth:`forward`, not in addition: stateful
+        distillers (e.g. a memory bank) update their state on every call.
+
+        Example:
+            >>> import torch
+            >>> from lightningkd.distillers import KD
+            >>> z = torch.zeros(2, 3)
+            >>> KD().terms({"output": z}, {"output": z})
+            {'loss': tensor(0.)}
+        """
+        return {"loss": self.forward(student, teacher, batch)}
 
     def read_pair(self, student: Features, teacher: Features) -> tuple[Tensor, Tensor]:
         """The student's and teacher's features of a one-layer distiller (its first named layers)."""
@@ -66,6 +86,23 @@ class Distiller(nn.Module, abc.ABC):
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}, name={self.name!r}"
+
+
+def sum_terms(terms: Mapping[str, Tensor]) -> Tensor:
+    """The sum of the parts returned by :meth:`Distiller.terms`, added in their order.
+
+    Example:
+        >>> import torch
+        >>> sum_terms({"a": torch.tensor(1.0), "b": torch.tensor(2.5)})
+        tensor(3.5000)
+    """
+    if not terms:
+        raise ValueError("sum_terms: a distiller returned no terms; terms() must return at least one.")
+    values = iter(terms.values())
+    total = next(values)
+    for value in values:
+        total = total + value
+    return total
 
 
 def require(features: Features, key: str, who: str, side: str) -> Tensor:

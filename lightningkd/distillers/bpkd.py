@@ -7,13 +7,19 @@ from typing import Any
 
 from torch import Tensor
 
-from lightningkd.distillers.base import OUTPUT, Distiller, Features, require_labels
+from lightningkd.distillers.base import OUTPUT, Distiller, Features, require_labels, sum_terms
+from lightningkd.functional._helpers import (
+    check_choice,
+    check_non_negative,
+    check_odd_kernel,
+    check_positive,
+    check_positive_int,
+)
 from lightningkd.functional.bpkd import (
     BPKD_COUNT_MODES,
     BPKD_IGNORE_MODES,
-    _check_edge_width,
-    _check_int,
-    _check_temperature,
+    BPKDCountMode,
+    BPKDIgnoreMode,
     boundary_masks,
     bpkd_terms,
 )
@@ -35,10 +41,10 @@ class BPKD(Distiller):
 
     The edges and bodies come from the **ground truth** ``batch["target"]`` (label resolution, so
     :attr:`needs_labels` is set), pooled to the student's logit size; the teacher's logits are resized to
-    the student's (bilinear) when they differ. :meth:`forward` returns
-    ``body_weight * L_body + edge_weight * L_edge`` (the module then applies ``weight``); :meth:`terms`
-    returns both terms for logging and :meth:`masks` the masks (for visualisation). The task
-    cross-entropy is the module's, not this distiller's.
+    the student's (bilinear) when they differ. :meth:`terms` returns ``{"edge": edge_weight * L_edge,
+    "body": body_weight * L_body}`` and :meth:`forward` their sum (the module then applies ``weight``);
+    :meth:`masks` returns the masks (for visualisation). The task cross-entropy is the module's, not this
+    distiller's.
 
     Args:
         num_classes: number of classes C (the logits' channels).
@@ -92,50 +98,36 @@ class BPKD(Distiller):
         alpha_edge: float = 2.0,
         edge_weight: float = 50.0,
         body_weight: float = 20.0,
-        count_mode: str = "soft_sum",
+        count_mode: BPKDCountMode = "soft_sum",
         mask_logits_before_softmax: bool = True,
         ignore_index: int = 255,
-        ignore_mode: str = "neutral",
+        ignore_mode: BPKDIgnoreMode = "neutral",
         student_layer: str = OUTPUT,
         teacher_layer: str = OUTPUT,
         weight: float = 1.0,
         name: str | None = None,
     ) -> None:
         super().__init__(weight=weight, name=name)
-        _check_int("BPKD", "num_classes", num_classes)
-        _check_edge_width("BPKD", edge_width)
-        _check_temperature("BPKD", "temperature", temperature)
-        if body_temperature is not None:
-            _check_temperature("BPKD", "body_temperature", body_temperature)
-        for key, value in (
-            ("alpha_edge", alpha_edge),
-            ("edge_weight", edge_weight),
-            ("body_weight", body_weight),
-        ):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"BPKD: {key} must be a number >= 0, got {value!r}.")
-        if count_mode not in BPKD_COUNT_MODES:
-            raise ValueError(f"BPKD: count_mode must be one of {BPKD_COUNT_MODES}, got {count_mode!r}.")
-        if ignore_mode not in BPKD_IGNORE_MODES:
-            raise ValueError(f"BPKD: ignore_mode must be one of {BPKD_IGNORE_MODES}, got {ignore_mode!r}.")
-        self.num_classes = num_classes
-        self.edge_width = edge_width
-        self.temperature = float(temperature)
-        self.body_temperature = None if body_temperature is None else float(body_temperature)
-        self.alpha_edge = float(alpha_edge)
-        self.edge_weight = float(edge_weight)
-        self.body_weight = float(body_weight)
-        self.count_mode = count_mode
+        self.num_classes = check_positive_int("BPKD", "num_classes", num_classes)
+        self.edge_width = check_odd_kernel("BPKD", "edge_width", edge_width)
+        self.temperature = check_positive("BPKD", "temperature", temperature)
+        self.body_temperature = (
+            None if body_temperature is None else check_positive("BPKD", "body_temperature", body_temperature)
+        )
+        self.alpha_edge = check_non_negative("BPKD", "alpha_edge", alpha_edge)
+        self.edge_weight = check_non_negative("BPKD", "edge_weight", edge_weight)
+        self.body_weight = check_non_negative("BPKD", "body_weight", body_weight)
+        self.count_mode = check_choice("BPKD", "count_mode", count_mode, BPKD_COUNT_MODES)
         self.mask_logits_before_softmax = bool(mask_logits_before_softmax)
         self.ignore_index = ignore_index
-        self.ignore_mode = ignore_mode
+        self.ignore_mode = check_choice("BPKD", "ignore_mode", ignore_mode, BPKD_IGNORE_MODES)
         self.student_layers = (student_layer,)
         self.teacher_layers = (teacher_layer,)
 
     def terms(
         self, student: Features, teacher: Features, batch: Mapping[str, Any] | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """``(L_edge, L_body)``, unweighted by ``edge_weight`` / ``body_weight``."""
+    ) -> dict[str, Tensor]:
+        """``{"edge": edge_weight * L_edge, "body": body_weight * L_body}``."""
         s, t = self.read_pair(student, teacher)
         target = require_labels(batch, "BPKD")
         if s.ndim != 4 or s.shape[1] != self.num_classes:
@@ -143,7 +135,7 @@ class BPKD(Distiller):
                 f"BPKD was built for num_classes={self.num_classes} and expects (N, {self.num_classes}, h, w) "
                 f"student logits, got {tuple(s.shape)}: tap the segmentation logits."
             )
-        return bpkd_terms(
+        edge, body = bpkd_terms(
             s,
             t,
             target,
@@ -156,10 +148,10 @@ class BPKD(Distiller):
             ignore_index=self.ignore_index,
             ignore_mode=self.ignore_mode,
         )
+        return {"edge": self.edge_weight * edge, "body": self.body_weight * body}
 
     def forward(self, student: Features, teacher: Features, batch: Mapping[str, Any] | None = None) -> Tensor:
-        edge, body = self.terms(student, teacher, batch)
-        return self.body_weight * body + self.edge_weight * edge
+        return sum_terms(self.terms(student, teacher, batch))
 
     def masks(self, target: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
         """The ``(edge, body)`` masks ``(N, C, h, w)`` this distiller uses for labels ``target`` ``(N, H, W)``."""

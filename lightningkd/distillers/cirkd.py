@@ -10,14 +10,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightningkd.distillers.base import Distiller, Features, require_labels
-from lightningkd.functional.cirkd import (
-    _check_feature_pair,
-    cirkd_enqueue_,
-    cirkd_memory_terms,
-    cirkd_minibatch_loss,
+from lightningkd.distillers.base import Distiller, Features, require_labels, sum_terms
+from lightningkd.functional._helpers import (
+    check_feature_pair,
+    check_int_at_most,
+    check_label_map,
+    check_non_negative,
+    check_positive,
+    check_positive_int,
+    check_segmentation_labels,
+    resize_labels,
 )
-from lightningkd.functional.labels import resize_labels
+from lightningkd.functional.cirkd import cirkd_enqueue_, cirkd_memory_terms, cirkd_minibatch_loss
 
 
 class CIRKDMiniBatch(Distiller):
@@ -71,9 +75,7 @@ class CIRKDMiniBatch(Distiller):
         name: str | None = None,
     ) -> None:
         super().__init__(weight=weight, name=name)
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
-            raise ValueError(f"CIRKDMiniBatch: temperature must be > 0, got {temperature!r}.")
-        self.temperature = float(temperature)
+        self.temperature = check_positive("CIRKDMiniBatch", "temperature", temperature)
         self.pooling = bool(pooling)
         self.student_layers = (student_layer,)
         self.teacher_layers = (teacher_layer,)
@@ -102,8 +104,9 @@ class CIRKDMemory(Distiller):
     then ``pixel_contrast_size`` / ``region_contrast_size`` slots are drawn (one index set shared by all
     classes) and the two terms are ``kd_T^2 * KL`` between the teacher's and the student's similarity
     distributions over those keys (similarities / ``contrast_temperature``), 'batchmean' over labelled
-    pixels. :meth:`forward` returns ``pixel_weight * p2p + region_weight * p2r``; :meth:`terms` returns both.
-    In eval mode the queues are not updated.
+    pixels. :meth:`terms` returns ``{"p2p": pixel_weight * p2p, "p2r": region_weight * p2r}`` and
+    :meth:`forward` their sum; each call enqueues the batch once (so call one of them per step). In eval
+    mode the queues are not updated.
 
     The queues are buffers (not parameters), saved in checkpoints, initialised like the authors' with random
     unit vectors: ``pixel_queue`` ``(K, pixel_memory_size, C_t)``, ``region_queue``
@@ -200,8 +203,7 @@ class CIRKDMemory(Distiller):
             ("region_memory_size", region_memory_size),
             ("pixels_per_class", pixels_per_class),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"CIRKDMemory: {key} must be a positive integer, got {value!r}.")
+            check_positive_int("CIRKDMemory", key, value)
         if pixel_contrast_size is None:
             pixel_contrast_size = min(4096 // num_classes + 1, pixel_memory_size)  # train_cirkd.py
         if region_contrast_size is None:
@@ -210,19 +212,13 @@ class CIRKDMemory(Distiller):
             ("pixel_contrast_size", pixel_contrast_size, pixel_memory_size),
             ("region_contrast_size", region_contrast_size, region_memory_size),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= limit:
-                raise ValueError(
-                    f"CIRKDMemory: {key} must be an integer in [1, {limit}] (the memory size), got {value!r}."
-                )
-        for key, value in (
-            ("contrast_temperature", contrast_temperature),
-            ("kd_temperature", kd_temperature),
-        ):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"CIRKDMemory: {key} must be > 0, got {value!r}.")
-        for key, value in (("pixel_weight", pixel_weight), ("region_weight", region_weight)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"CIRKDMemory: {key} must be a number >= 0, got {value!r}.")
+            check_int_at_most("CIRKDMemory", key, value, limit, "the memory size")
+        self.contrast_temperature = check_positive(
+            "CIRKDMemory", "contrast_temperature", contrast_temperature
+        )
+        self.kd_temperature = check_positive("CIRKDMemory", "kd_temperature", kd_temperature)
+        self.pixel_weight = check_non_negative("CIRKDMemory", "pixel_weight", pixel_weight)
+        self.region_weight = check_non_negative("CIRKDMemory", "region_weight", region_weight)
         self.student_layers = (student_layer,)
         self.teacher_layers = (teacher_layer,)
         self.student_channels = student_channels
@@ -231,10 +227,6 @@ class CIRKDMemory(Distiller):
         self.pixel_contrast_size = pixel_contrast_size
         self.region_contrast_size = region_contrast_size
         self.pixels_per_class = pixels_per_class
-        self.contrast_temperature = float(contrast_temperature)
-        self.kd_temperature = float(kd_temperature)
-        self.pixel_weight = float(pixel_weight)
-        self.region_weight = float(region_weight)
         self.ignore_index = ignore_index
         self.official_enqueue = bool(official_enqueue)
         self.project_head = nn.Sequential(
@@ -255,8 +247,9 @@ class CIRKDMemory(Distiller):
 
     def terms(
         self, student: Features, teacher: Features, batch: Mapping[str, Any] | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """``(p2p, p2r)``, unweighted; in training mode the batch is enqueued first."""
+    ) -> dict[str, Tensor]:
+        """``{"p2p": pixel_weight * p2p, "p2r": region_weight * p2r}``; in training mode the batch is
+        enqueued first."""
         s, t = self.read_pair(student, teacher)
         labels = require_labels(batch, "CIRKDMemory")
         if s.ndim != 4 or t.ndim != 4:
@@ -269,12 +262,9 @@ class CIRKDMemory(Distiller):
                 f"CIRKDMemory was built for {self.student_channels} student and {self.teacher_channels} teacher "
                 f"channels, got student {tuple(s.shape)} and teacher {tuple(t.shape)}."
             )
-        _check_feature_pair("CIRKDMemory", s, t)
-        if labels.ndim != 3 or labels.shape[0] != s.shape[0]:
-            raise ValueError(
-                f"CIRKDMemory expects labels of shape (N, H, W) with N = {s.shape[0]}, got {tuple(labels.shape)}."
-            )
-        _check_labels(labels, self.num_classes, self.ignore_index)
+        check_feature_pair("CIRKDMemory", s, t)
+        check_label_map("CIRKDMemory", labels, s.shape[0])
+        check_segmentation_labels("CIRKDMemory", labels, self.num_classes, self.ignore_index)
         small = resize_labels(labels, tuple(s.shape[-2:]))
         embed = self.project_head(s)
         if self.training:
@@ -290,7 +280,7 @@ class CIRKDMemory(Distiller):
                 ignore_index=self.ignore_index,
                 official=self.official_enqueue,
             )
-        return cirkd_memory_terms(
+        p2p, p2r = cirkd_memory_terms(
             embed,
             t,
             small,
@@ -302,10 +292,10 @@ class CIRKDMemory(Distiller):
             kd_temperature=self.kd_temperature,
             ignore_index=self.ignore_index,
         )
+        return {"p2p": self.pixel_weight * p2p, "p2r": self.region_weight * p2r}
 
     def forward(self, student: Features, teacher: Features, batch: Mapping[str, Any] | None = None) -> Tensor:
-        p2p, p2r = self.terms(student, teacher, batch)
-        return self.pixel_weight * p2p + self.region_weight * p2r
+        return sum_terms(self.terms(student, teacher, batch))
 
     def extra_repr(self) -> str:
         return (
@@ -313,18 +303,6 @@ class CIRKDMemory(Distiller):
             f"pixel_memory={tuple(self.pixel_queue.shape[1:2])}, region_memory={tuple(self.region_queue.shape[1:2])}, "
             f"contrast=({self.pixel_contrast_size}, {self.region_contrast_size}), "
             f"official_enqueue={self.official_enqueue}"
-        )
-
-
-def _check_labels(labels: Tensor, num_classes: int, ignore_index: int) -> None:
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"CIRKDMemory expects integer class labels (int64), got {labels.dtype}.")
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
-    if bool(bad.any()):  # one host-device sync per step
-        values = torch.unique(labels[bad])[:10].tolist()
-        raise ValueError(
-            f"CIRKDMemory: labels must be class indices in [0, {num_classes}) or ignore_index={ignore_index}, "
-            f"found {values}. Check num_classes and the dataset's ignore label."
         )
 
 

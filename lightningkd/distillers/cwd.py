@@ -9,6 +9,7 @@ from torch import Tensor
 
 from lightningkd.adapters import ConvAdapter
 from lightningkd.distillers.base import OUTPUT, Distiller, Features
+from lightningkd.functional._helpers import check_positive, check_positive_int
 from lightningkd.functional.cwd import cwd_loss
 
 
@@ -73,8 +74,7 @@ class ChannelWiseDivergence(Distiller):
         name: str | None = None,
     ) -> None:
         super().__init__(weight=weight, name=name)
-        if not temperature > 0:
-            raise ValueError(f"ChannelWiseDivergence: temperature must be > 0, got {temperature}.")
+        self.temperature = check_positive("ChannelWiseDivergence", "temperature", temperature)
         if (student_channels is None) != (teacher_channels is None):
             raise ValueError(
                 "ChannelWiseDivergence: give both student_channels and teacher_channels (for an adapter "
@@ -82,9 +82,8 @@ class ChannelWiseDivergence(Distiller):
                 f"teacher_channels={teacher_channels!r}."
             )
         for key, value in (("student_channels", student_channels), ("teacher_channels", teacher_channels)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise ValueError(f"ChannelWiseDivergence: {key} must be a positive integer, got {value!r}.")
-        self.temperature = temperature
+            if value is not None:
+                check_positive_int("ChannelWiseDivergence", key, value)
         self.student_channels = student_channels
         self.teacher_channels = teacher_channels
         self.student_layers = (student_layer,)

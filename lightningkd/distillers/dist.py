@@ -7,9 +7,9 @@ from typing import Any
 
 from torch import Tensor
 
-from lightningkd.adapters import match_spatial
-from lightningkd.distillers.base import OUTPUT, Distiller, Features
-from lightningkd.functional.dist import dist_loss
+from lightningkd.distillers.base import OUTPUT, Distiller, Features, sum_terms
+from lightningkd.functional._helpers import check_non_negative, check_positive
+from lightningkd.functional.dist import dist_terms
 
 
 class DIST(Distiller):
@@ -26,7 +26,7 @@ class DIST(Distiller):
 
     Dense logits of different spatial sizes: the teacher logits are resized to the student's ``(H, W)``
     (bilinear, ``align_corners=False``) before the loss; the authors' segmentation code receives logits of
-    equal size.
+    equal size. :meth:`terms` returns ``{"inter": beta * inter, "intra": gamma * intra}``.
 
     Args:
         beta: weight of the inter-class relation.
@@ -57,21 +57,21 @@ class DIST(Distiller):
         name: str | None = None,
     ) -> None:
         super().__init__(weight=weight, name=name)
-        if not temperature > 0:
-            raise ValueError(f"DIST: temperature must be > 0, got {temperature}.")
-        if not beta >= 0 or not gamma >= 0:
-            raise ValueError(f"DIST: beta and gamma must be >= 0, got beta={beta}, gamma={gamma}.")
-        self.beta = beta
-        self.gamma = gamma
-        self.temperature = temperature
+        self.beta = check_non_negative("DIST", "beta", beta)
+        self.gamma = check_non_negative("DIST", "gamma", gamma)
+        self.temperature = check_positive("DIST", "temperature", temperature)
         self.student_layers = (student_layer,)
         self.teacher_layers = (teacher_layer,)
 
+    def terms(
+        self, student: Features, teacher: Features, batch: Mapping[str, Any] | None = None
+    ) -> dict[str, Tensor]:
+        """``{"inter": beta * inter, "intra": gamma * intra}`` (both already multiplied by ``tau^2``)."""
+        inter, intra = dist_terms(*self.read_pair(student, teacher), self.temperature)
+        return {"inter": self.beta * inter, "intra": self.gamma * intra}
+
     def forward(self, student: Features, teacher: Features, batch: Mapping[str, Any] | None = None) -> Tensor:
-        s, t = self.read_pair(student, teacher)
-        if s.ndim == 4 and t.ndim == 4 and s.shape[:2] == t.shape[:2]:
-            t = match_spatial(t, tuple(s.shape[-2:]), mode="bilinear")
-        return dist_loss(s, t, self.beta, self.gamma, self.temperature)
+        return sum_terms(self.terms(student, teacher, batch))
 
     def extra_repr(self) -> str:
         return (

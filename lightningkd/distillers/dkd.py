@@ -7,8 +7,9 @@ from typing import Any
 
 from torch import Tensor
 
-from lightningkd.distillers.base import OUTPUT, Distiller, Features, require_labels
-from lightningkd.functional.dkd import dkd_loss
+from lightningkd.distillers.base import OUTPUT, Distiller, Features, require_labels, sum_terms
+from lightningkd.functional._helpers import check_non_negative, check_positive
+from lightningkd.functional.dkd import dkd_terms
 
 
 class DKD(Distiller):
@@ -21,7 +22,8 @@ class DKD(Distiller):
     batch. See :func:`lightningkd.functional.dkd.dkd_terms` for the numerically safer formulation used
     here (no 1000-subtraction trick, no plain ``log`` of probabilities).
 
-    The labels are read from ``batch["target"]`` (:attr:`needs_labels` is set).
+    The labels are read from ``batch["target"]`` (:attr:`needs_labels` is set). :meth:`terms` returns
+    ``{"tckd": alpha * TCKD, "nckd": beta * NCKD}``.
 
     The official DKD multiplies its loss by a warm-up factor ``min(epoch / warmup, 1)`` (20 epochs on
     CIFAR-100, 1 on ImageNet). That factor is **not** part of this loss: add
@@ -62,20 +64,22 @@ class DKD(Distiller):
         name: str | None = None,
     ) -> None:
         super().__init__(weight=weight, name=name)
-        if not temperature > 0:
-            raise ValueError(f"DKD: temperature must be > 0, got {temperature}.")
-        if not alpha >= 0 or not beta >= 0:
-            raise ValueError(f"DKD: alpha and beta must be >= 0, got alpha={alpha}, beta={beta}.")
-        self.alpha = alpha
-        self.beta = beta
-        self.temperature = temperature
+        self.alpha = check_non_negative("DKD", "alpha", alpha)
+        self.beta = check_non_negative("DKD", "beta", beta)
+        self.temperature = check_positive("DKD", "temperature", temperature)
         self.student_layers = (student_layer,)
         self.teacher_layers = (teacher_layer,)
 
-    def forward(self, student: Features, teacher: Features, batch: Mapping[str, Any] | None = None) -> Tensor:
+    def terms(
+        self, student: Features, teacher: Features, batch: Mapping[str, Any] | None = None
+    ) -> dict[str, Tensor]:
+        """``{"tckd": alpha * TCKD, "nckd": beta * NCKD}``."""
         s, t = self.read_pair(student, teacher)
-        target = require_labels(batch, "DKD")
-        return dkd_loss(s, t, target, self.alpha, self.beta, self.temperature)
+        tckd, nckd = dkd_terms(s, t, require_labels(batch, "DKD"), self.temperature)
+        return {"tckd": self.alpha * tckd, "nckd": self.beta * nckd}
+
+    def forward(self, student: Features, teacher: Features, batch: Mapping[str, Any] | None = None) -> Tensor:
+        return sum_terms(self.terms(student, teacher, batch))
 
     def extra_repr(self) -> str:
         return (

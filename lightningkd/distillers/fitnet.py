@@ -7,12 +7,10 @@ from typing import Any
 
 from torch import Tensor
 
-from lightningkd.adapters import ConvAdapter, match_spatial
+from lightningkd.adapters import ConvAdapter
 from lightningkd.distillers.base import Distiller, Features
-from lightningkd.functional.fitnet import fitnet_loss
-
-FITNET_RESIZE_MODES = ("bilinear", "bicubic", "nearest", "area", "pool")
-"""Values of ``FitNet(resize=...)``, passed to :func:`lightningkd.adapters.match_spatial`."""
+from lightningkd.functional._helpers import ResizeMode, check_choice, check_positive_int
+from lightningkd.functional.fitnet import FITNET_RESIZE_MODES, fitnet_loss
 
 
 class FitNet(Distiller):
@@ -30,9 +28,9 @@ class FitNet(Distiller):
     Differences from mdistiller, by design: mdistiller picks the regressor's stride/kernel from the
     feature sizes (1x1 conv for equal sizes, stride-2 conv or transposed conv for a factor 2) and adds a
     ReLU; here the regressor is a size-preserving ``kernel_size`` convolution (+ ReLU if ``relu=True``),
-    and when the spatial sizes differ the *regressed* student map is resized to the teacher's size with
-    :func:`~lightningkd.adapters.match_spatial` (``resize`` mode). The regressor is created in ``__init__``
-    from the explicit channel sizes, so it is trained and checkpointed with the student.
+    and when the spatial sizes differ :func:`~lightningkd.functional.fitnet.fitnet_loss` resizes the
+    *regressed* student map to the teacher's size (``resize`` mode). The regressor is created in
+    ``__init__`` from the explicit channel sizes, so it is trained and checkpointed with the student.
 
     Args:
         student_layer: tapped student layer (a ``(N, C_s, H_s, W_s)`` feature map).
@@ -69,7 +67,7 @@ class FitNet(Distiller):
         student_channels: int,
         teacher_channels: int,
         kernel_size: int = 3,
-        resize: str = "bilinear",
+        resize: ResizeMode = "bilinear",
         relu: bool = False,
         weight: float = 1.0,
         name: str | None = None,
@@ -80,17 +78,14 @@ class FitNet(Distiller):
             ("teacher_channels", teacher_channels),
             ("kernel_size", kernel_size),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"FitNet: {key} must be a positive integer, got {value!r}.")
+            check_positive_int("FitNet", key, value)
         if kernel_size % 2 == 0:
             raise ValueError(
                 f"FitNet: kernel_size must be odd so the regressor keeps the size, got {kernel_size}."
             )
-        if resize not in FITNET_RESIZE_MODES:
-            raise ValueError(f"FitNet: resize must be one of {FITNET_RESIZE_MODES}, got {resize!r}.")
+        self.resize = check_choice("FitNet", "resize", resize, FITNET_RESIZE_MODES)
         self.student_layers = (student_layer,)
         self.teacher_layers = (teacher_layer,)
-        self.resize = resize
         self.regressor = ConvAdapter(student_channels, teacher_channels, kernel_size=kernel_size, relu=relu)
 
     def forward(self, student: Features, teacher: Features, batch: Mapping[str, Any] | None = None) -> Tensor:
@@ -105,8 +100,7 @@ class FitNet(Distiller):
                 f"FitNet was built for {self.regressor.in_channels} student and {self.regressor.out_channels} "
                 f"teacher channels, got student {tuple(s.shape)} and teacher {tuple(t.shape)}."
             )
-        s = match_spatial(self.regressor(s), tuple(t.shape[-2:]), mode=self.resize)
-        return fitnet_loss(s, t)
+        return fitnet_loss(self.regressor(s), t, self.resize)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, resize={self.resize!r}"

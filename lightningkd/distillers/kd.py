@@ -8,6 +8,7 @@ from typing import Any
 from torch import Tensor
 
 from lightningkd.distillers.base import OUTPUT, Distiller, Features
+from lightningkd.functional._helpers import check_positive
 from lightningkd.functional.kd import kd_loss
 
 
@@ -43,9 +44,7 @@ class KD(Distiller):
         name: str | None = None,
     ) -> None:
         super().__init__(weight=weight, name=name)
-        if temperature <= 0:
-            raise ValueError(f"KD: temperature must be > 0, got {temperature}.")
-        self.temperature = temperature
+        self.temperature = check_positive("KD", "temperature", temperature)
         self.student_layers = (student_layer,)
         self.teacher_layers = (teacher_layer,)
 

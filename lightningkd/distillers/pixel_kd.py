@@ -8,6 +8,7 @@ from typing import Any
 from torch import Tensor
 
 from lightningkd.distillers.base import OUTPUT, Distiller, Features, require_labels
+from lightningkd.functional._helpers import check_positive
 from lightningkd.functional.pixel_kd import pixel_kd_loss
 
 
@@ -68,13 +69,11 @@ class PixelKD(Distiller):
         name: str | None = None,
     ) -> None:
         super().__init__(weight=weight, name=name)
-        if not temperature > 0:
-            raise ValueError(f"PixelKD: temperature must be > 0, got {temperature}.")
+        self.temperature = check_positive("PixelKD", "temperature", temperature)
         if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
             raise ValueError(
                 f"PixelKD: ignore_index must be an integer label or None (no masking), got {ignore_index!r}."
             )
-        self.temperature = temperature
         self.ignore_index = ignore_index
         self.needs_labels = ignore_index is not None
         self.student_layers = (student_layer,)

@@ -7,8 +7,9 @@ from typing import Any
 
 from torch import Tensor
 
-from lightningkd.distillers.base import Distiller, Features
-from lightningkd.functional.rkd import rkd_loss
+from lightningkd.distillers.base import Distiller, Features, sum_terms
+from lightningkd.functional._helpers import check_non_negative
+from lightningkd.functional.rkd import rkd_terms
 
 
 class RKD(Distiller):
@@ -17,11 +18,12 @@ class RKD(Distiller):
     Park, Kim, Lu & Cho, "Relational Knowledge Distillation", CVPR 2019, arXiv:1904.05068. Authors' code:
     lenscloth/RKD ``metric/loss.py`` ``RkdDistance`` / ``RKdAngle`` (commit 0a6c3c0); see
     :func:`lightningkd.functional.rkd.rkd_loss`. Only pairwise geometry is compared, so the student and
-    teacher widths may differ and no adapter is needed.
+    teacher widths may differ and no adapter is needed. :meth:`terms` returns
+    ``{"distance": distance_weight * distance, "angle": angle_weight * angle}``.
 
     Reads the pooled penultimate features, as mdistiller does: name the layers, e.g. ``"avgpool"`` for
     torchvision ResNets (``(N, D, 1, 1)``); un-pooled ``(N, C, H, W)`` maps are global-average-pooled
-    and ``(N, L, D)`` tokens averaged (:func:`lightningkd.adapters.flatten_embedding`).
+    and ``(N, L, D)`` tokens averaged.
 
     Published settings: mdistiller CIFAR-100 ``distance_weight=25, angle_weight=50`` with CE weight 1;
     the authors' metric-learning scripts use 1 and 2.
@@ -55,18 +57,20 @@ class RKD(Distiller):
         name: str | None = None,
     ) -> None:
         super().__init__(weight=weight, name=name)
-        if not distance_weight >= 0 or not angle_weight >= 0:
-            raise ValueError(
-                f"RKD: distance_weight and angle_weight must be >= 0, got {distance_weight} and {angle_weight}."
-            )
-        self.distance_weight = distance_weight
-        self.angle_weight = angle_weight
+        self.distance_weight = check_non_negative("RKD", "distance_weight", distance_weight)
+        self.angle_weight = check_non_negative("RKD", "angle_weight", angle_weight)
         self.student_layers = (student_layer,)
         self.teacher_layers = (teacher_layer,)
 
+    def terms(
+        self, student: Features, teacher: Features, batch: Mapping[str, Any] | None = None
+    ) -> dict[str, Tensor]:
+        """``{"distance": distance_weight * distance, "angle": angle_weight * angle}``."""
+        distance, angle = rkd_terms(*self.read_pair(student, teacher))
+        return {"distance": self.distance_weight * distance, "angle": self.angle_weight * angle}
+
     def forward(self, student: Features, teacher: Features, batch: Mapping[str, Any] | None = None) -> Tensor:
-        s, t = self.read_pair(student, teacher)
-        return rkd_loss(s, t, self.distance_weight, self.angle_weight)
+        return sum_terms(self.terms(student, teacher, batch))
 
     def extra_repr(self) -> str:
         return (

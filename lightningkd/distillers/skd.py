@@ -8,7 +8,8 @@ from typing import Any
 from torch import Tensor
 
 from lightningkd.distillers.base import Distiller, Features
-from lightningkd.functional.skd import SKD_POOLINGS, _check_pool_scale, skd_loss
+from lightningkd.functional._helpers import check_choice, check_fraction
+from lightningkd.functional.skd import SKD_POOLINGS, SKDPooling, skd_loss
 
 
 class PairwiseSimilarityKD(Distiller):
@@ -58,15 +59,14 @@ class PairwiseSimilarityKD(Distiller):
         *,
         student_layer: str,
         teacher_layer: str,
-        pooling: str = "original",
+        pooling: SKDPooling = "original",
         pool_scale: float = 0.5,
         weight: float = 1.0,
         name: str | None = None,
     ) -> None:
         super().__init__(weight=weight, name=name)
-        if pooling not in SKD_POOLINGS:
-            raise ValueError(f"PairwiseSimilarityKD: pooling must be one of {SKD_POOLINGS}, got {pooling!r}.")
-        _check_pool_scale("PairwiseSimilarityKD", pool_scale)
+        check_choice("PairwiseSimilarityKD", "pooling", pooling, SKD_POOLINGS)
+        check_fraction("PairwiseSimilarityKD", "pool_scale", pool_scale)
         if pooling == "fixed_2x2" and pool_scale != 0.5:
             raise ValueError(
                 f"PairwiseSimilarityKD: pool_scale={pool_scale} has no effect with pooling='fixed_2x2' (fixed "

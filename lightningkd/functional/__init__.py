@@ -10,7 +10,7 @@ from lightningkd.functional.fitnet import fitnet_loss
 from lightningkd.functional.kd import kd_loss
 from lightningkd.functional.nd import nd_loss
 from lightningkd.functional.pixel_kd import pixel_kd_loss
-from lightningkd.functional.rkd import rkd_angle_loss, rkd_distance_loss, rkd_loss
+from lightningkd.functional.rkd import rkd_angle_loss, rkd_distance_loss, rkd_loss, rkd_terms
 from lightningkd.functional.skd import skd_loss
 
 __all__ = [
@@ -33,5 +33,6 @@ __all__ = [
     "rkd_angle_loss",
     "rkd_distance_loss",
     "rkd_loss",
+    "rkd_terms",
     "skd_loss",
 ]

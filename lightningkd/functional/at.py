@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightningkd.adapters import match_spatial
+from lightningkd.functional._helpers import (
+    at_least_float32,
+    check_choice,
+    check_positive,
+    match_spatial,
+    shape_of,
+)
 
-AT_RESIZE_MODES = ("pool_larger", "interpolate_student")
+ATResize = Literal["pool_larger", "interpolate_student"]
 """How :func:`at_loss` reconciles different spatial sizes (the official code does not)."""
+
+AT_RESIZE_MODES: tuple[str, ...] = get_args(ATResize)
 
 
 def attention_map(feat: Tensor, p: float = 2.0) -> Tensor:
@@ -40,15 +50,15 @@ def attention_map(feat: Tensor, p: float = 2.0) -> Tensor:
     if not torch.is_tensor(feat) or feat.ndim != 4:
         shape = tuple(feat.shape) if torch.is_tensor(feat) else type(feat).__name__
         raise ValueError(f"attention_map expects a (N, C, H, W) feature map, got {shape}.")
-    _check_p(p, "attention_map")
-    feat = feat.float() if feat.dtype in (torch.float16, torch.bfloat16) else feat
+    check_positive("attention_map", "p", p)
+    feat = at_least_float32(feat)
     # x.pow(2) is bit-identical to |x|^2, so p=2 matches the official x.pow(2) exactly.
     am = feat.abs().pow(p).mean(dim=1).flatten(1)
     return F.normalize(am, p=2.0, dim=1, eps=1e-12)
 
 
 def at_loss(
-    student_feat: Tensor, teacher_feat: Tensor, p: float = 2.0, resize: str = "pool_larger"
+    student_feat: Tensor, teacher_feat: Tensor, p: float = 2.0, resize: ATResize = "pool_larger"
 ) -> Tensor:
     """Attention-transfer loss: mean over batch and positions of ``(Q_s - Q_t)^2``.
 
@@ -88,16 +98,15 @@ def at_loss(
         if not torch.is_tensor(t) or t.ndim != 4:
             raise ValueError(
                 f"at_loss expects (N, C, H, W) feature maps, got student "
-                f"{_shape(student_feat)} and teacher {_shape(teacher_feat)} ({what} is not 4-D)."
+                f"{shape_of(student_feat)} and teacher {shape_of(teacher_feat)} ({what} is not 4-D)."
             )
     if student_feat.shape[0] != teacher_feat.shape[0]:
         raise ValueError(
             f"at_loss: student feature {tuple(student_feat.shape)} and teacher feature "
             f"{tuple(teacher_feat.shape)} must have the same batch size."
         )
-    _check_p(p, "at_loss")
-    if resize not in AT_RESIZE_MODES:
-        raise ValueError(f"at_loss: resize must be one of {AT_RESIZE_MODES}, got {resize!r}.")
+    check_positive("at_loss", "p", p)
+    check_choice("at_loss", "resize", resize, AT_RESIZE_MODES)
     s_size, t_size = tuple(student_feat.shape[-2:]), tuple(teacher_feat.shape[-2:])
     if s_size != t_size:
         if resize == "pool_larger":
@@ -110,12 +119,3 @@ def at_loss(
     q_t = attention_map(teacher_feat, p)
     dtype = torch.promote_types(q_s.dtype, q_t.dtype)
     return (q_s.to(dtype) - q_t.to(dtype)).pow(2).mean()
-
-
-def _check_p(p: float, who: str) -> None:
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or p <= 0:
-        raise ValueError(f"{who}: p must be a number > 0, got {p!r}.")
-
-
-def _shape(x: object) -> object:
-    return tuple(x.shape) if torch.is_tensor(x) else type(x).__name__

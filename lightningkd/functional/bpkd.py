@@ -11,15 +11,31 @@ pixels, plus a channel-wise body loss with a T^2/C factor). Every uncertain choi
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BPKD_COUNT_MODES = ("soft_sum", "nonzero_count")
+from lightningkd.functional._helpers import (
+    check_choice,
+    check_label_map,
+    check_non_negative,
+    check_odd_kernel,
+    check_positive,
+    check_positive_int,
+    check_segmentation_labels,
+    match_spatial,
+)
+
+BPKDCountMode = Literal["soft_sum", "nonzero_count"]
 """How ``n_c``, the number of edge pixels of class c, is counted (see :func:`bpkd_terms`)."""
 
-BPKD_IGNORE_MODES = ("neutral", "background")
+BPKDIgnoreMode = Literal["neutral", "background"]
 """How ignored label pixels enter the edge and body masks (see :func:`boundary_masks`)."""
+
+BPKD_COUNT_MODES: tuple[str, ...] = get_args(BPKDCountMode)
+BPKD_IGNORE_MODES: tuple[str, ...] = get_args(BPKDIgnoreMode)
 
 
 def boundary_masks(
@@ -28,7 +44,7 @@ def boundary_masks(
     size: tuple[int, int],
     edge_width: int = 7,
     ignore_index: int = 255,
-    ignore_mode: str = "neutral",
+    ignore_mode: BPKDIgnoreMode = "neutral",
 ) -> tuple[Tensor, Tensor]:
     """Per-class soft edge and body masks of a ground-truth label map, pooled to the logit size.
 
@@ -82,12 +98,9 @@ def boundary_masks(
         >>> body[0, 1, 0]
         tensor([1., 0., 0., 1.])
     """
-    _check_int("boundary_masks", "num_classes", num_classes)
-    _check_edge_width("boundary_masks", edge_width)
-    if ignore_mode not in BPKD_IGNORE_MODES:
-        raise ValueError(
-            f"boundary_masks: ignore_mode must be one of {BPKD_IGNORE_MODES}, got {ignore_mode!r}."
-        )
+    check_positive_int("boundary_masks", "num_classes", num_classes)
+    check_odd_kernel("boundary_masks", "edge_width", edge_width)
+    check_choice("boundary_masks", "ignore_mode", ignore_mode, BPKD_IGNORE_MODES)
     if len(tuple(size)) != 2 or any(isinstance(v, bool) or int(v) != v or v <= 0 for v in size):
         raise ValueError(f"boundary_masks: size must be two positive integers (h, w), got {size!r}.")
     check_segmentation_labels("boundary_masks", target, num_classes, ignore_index)
@@ -122,10 +135,10 @@ def bpkd_terms(
     temperature: float = 4.0,
     body_temperature: float | None = None,
     alpha_edge: float = 2.0,
-    count_mode: str = "soft_sum",
+    count_mode: BPKDCountMode = "soft_sum",
     mask_logits_before_softmax: bool = True,
     ignore_index: int = 255,
-    ignore_mode: str = "neutral",
+    ignore_mode: BPKDIgnoreMode = "neutral",
 ) -> tuple[Tensor, Tensor]:
     """The two unweighted BPKD terms ``(L_edge, L_body)`` on segmentation logits. Formulation unverified.
 
@@ -199,21 +212,14 @@ def bpkd_terms(
             f"{who}: student logits {tuple(student_logits.shape)} and teacher logits "
             f"{tuple(teacher_logits.shape)} must have the same batch size and number of classes."
         )
-    if target.ndim != 3 or target.shape[0] != n:
-        raise ValueError(
-            f"{who} expects labels of shape (N, H, W) with N = {n}, got {tuple(target.shape)}: pass the "
-            "ground-truth label map, not one-hot or logits."
-        )
-    _check_temperature(who, "temperature", temperature)
+    check_label_map(who, target, n)
+    check_positive(who, "temperature", temperature)
     if body_temperature is not None:
-        _check_temperature(who, "body_temperature", body_temperature)
-    if isinstance(alpha_edge, bool) or not isinstance(alpha_edge, (int, float)) or alpha_edge < 0:
-        raise ValueError(f"{who}: alpha_edge must be a number >= 0, got {alpha_edge!r}.")
-    if count_mode not in BPKD_COUNT_MODES:
-        raise ValueError(f"{who}: count_mode must be one of {BPKD_COUNT_MODES}, got {count_mode!r}.")
+        check_positive(who, "body_temperature", body_temperature)
+    check_non_negative(who, "alpha_edge", alpha_edge)
+    check_choice(who, "count_mode", count_mode, BPKD_COUNT_MODES)
 
-    if tuple(teacher_logits.shape[-2:]) != (h, w):
-        teacher_logits = F.interpolate(teacher_logits, size=(h, w), mode="bilinear", align_corners=False)
+    teacher_logits = match_spatial(teacher_logits, (h, w), mode="bilinear")
     edge, body = boundary_masks(target, c, (h, w), edge_width, ignore_index, ignore_mode)
     edge = edge.to(student_logits.dtype)
     body = body.to(student_logits.dtype)
@@ -279,52 +285,7 @@ def bpkd_loss(
         >>> bpkd_loss(z, z, y, edge_width=3).item()
         0.0
     """
+    check_non_negative("bpkd_loss", "edge_weight", edge_weight)
+    check_non_negative("bpkd_loss", "body_weight", body_weight)
     edge, body = bpkd_terms(student_logits, teacher_logits, target, **kwargs)  # type: ignore[arg-type]
     return body_weight * body + edge_weight * edge
-
-
-def check_segmentation_labels(who: str, target: Tensor, num_classes: int, ignore_index: int) -> None:
-    """Fail unless ``target`` is an integer ``(N, H, W)`` map with values in ``[0, C)`` or ``ignore_index``.
-
-    Reads the values once (a host-device sync on GPU).
-    """
-    if (
-        not torch.is_tensor(target)
-        or target.is_floating_point()
-        or target.is_complex()
-        or target.dtype == torch.bool
-    ):
-        described = target.dtype if torch.is_tensor(target) else type(target).__name__
-        raise TypeError(f"{who} expects integer class labels (int64), got {described}.")
-    if target.ndim != 3:
-        raise ValueError(f"{who} expects labels of shape (N, H, W), got {tuple(target.shape)}.")
-    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
-    if bool(bad.any()):
-        values = torch.unique(target[bad])[:10].tolist()
-        raise ValueError(
-            f"{who}: labels must be class indices in [0, {num_classes}) or ignore_index={ignore_index}, "
-            f"found {values}. Check num_classes and the dataset's ignore label."
-        )
-
-
-def _check_edge_width(who: str, edge_width: int) -> None:
-    if (
-        isinstance(edge_width, bool)
-        or not isinstance(edge_width, int)
-        or edge_width < 1
-        or edge_width % 2 == 0
-    ):
-        raise ValueError(
-            f"{who}: edge_width must be an odd positive integer (the k x k kernel is centred on each pixel), "
-            f"got {edge_width!r}; e.g. 7 for a radius of 3 pixels."
-        )
-
-
-def _check_int(who: str, key: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{who}: {key} must be a positive integer, got {value!r}.")
-
-
-def _check_temperature(who: str, key: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ValueError(f"{who}: {key} must be > 0, got {value!r}.")

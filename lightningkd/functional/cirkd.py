@@ -16,7 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightningkd.functional.labels import resize_labels
+from lightningkd.functional._helpers import (
+    check_feature_pair,
+    check_int_at_most,
+    check_label_map,
+    check_positive,
+    check_positive_int,
+    resize_labels,
+)
 
 
 def cirkd_minibatch_loss(
@@ -67,9 +74,8 @@ def cirkd_minibatch_loss(
         True
     """
     who = "cirkd_minibatch_loss"
-    _check_feature_pair(who, student_feat, teacher_feat)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
-        raise ValueError(f"{who}: temperature must be > 0, got {temperature!r}.")
+    check_feature_pair(who, student_feat, teacher_feat)
+    check_positive(who, "temperature", temperature)
     if pooling:
         student_feat = F.avg_pool2d(student_feat, kernel_size=2, stride=2, ceil_mode=True)
         teacher_feat = F.avg_pool2d(teacher_feat, kernel_size=2, stride=2, ceil_mode=True)
@@ -111,10 +117,10 @@ def cirkd_memory_terms(
     :class:`lightningkd.distillers.cirkd.CIRKDMemory` and :func:`cirkd_enqueue_`).
 
     Both embeddings are L2-normalised over channels; the labels are nearest-resized to the embedding size
-    (:func:`resize_labels`) and only labelled pixels (``!= ignore_index``) are anchors. One random index
-    set of ``pixel_contrast_size`` slots is drawn (``randperm`` of the queue length) and used for
-    **every** class; the contrast keys are ``pixel_queue[c, index]`` stacked class after class
-    (``K * pixel_contrast_size`` keys), likewise for the regions. For each anchor, the similarity logits
+    (as the authors) and only labelled pixels (``!= ignore_index``) are anchors. One random index set of
+    ``pixel_contrast_size`` slots is drawn (``randperm`` of the queue length) and used for **every** class;
+    the contrast keys are ``pixel_queue[c, index]`` stacked class after class (``K * pixel_contrast_size``
+    keys), likewise for the regions. For each anchor, the similarity logits
     are ``embed . key / contrast_temperature`` for the (detached) teacher and the student, and each term is
     ``kd_T^2 * KL(softmax(t / kd_T) || softmax(s / kd_T))`` summed over keys and averaged over the
     anchors ('batchmean').
@@ -154,7 +160,7 @@ def cirkd_memory_terms(
         (0.0, 0.0)
     """
     who = "cirkd_memory_terms"
-    _check_feature_pair(who, student_embed, teacher_embed)
+    check_feature_pair(who, student_embed, teacher_embed)
     if student_embed.shape[1] != teacher_embed.shape[1]:
         raise ValueError(
             f"{who}: student and teacher embeddings must have the same channels (project the student "
@@ -164,16 +170,9 @@ def cirkd_memory_terms(
     for key, q in (("pixel_queue", pixel_queue), ("region_queue", region_queue)):
         if q.ndim != 3 or q.shape[2] != d:
             raise ValueError(f"{who}: {key} must have shape (num_classes, size, {d}), got {tuple(q.shape)}.")
-    for key, value in (
-        ("contrast_temperature", contrast_temperature),
-        ("kd_temperature", kd_temperature),
-    ):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise ValueError(f"{who}: {key} must be > 0, got {value!r}.")
-    if labels.ndim != 3 or labels.shape[0] != student_embed.shape[0]:
-        raise ValueError(
-            f"{who} expects labels of shape (N, H, W) with N = {student_embed.shape[0]}, got {tuple(labels.shape)}."
-        )
+    check_positive(who, "contrast_temperature", contrast_temperature)
+    check_positive(who, "kd_temperature", kd_temperature)
+    check_label_map(who, labels, student_embed.shape[0])
     pixel_index = _slot_index(who, "pixel", pixel_index, pixel_contrast_size, pixel_queue, generator)
     region_index = _slot_index(who, "region", region_index, region_contrast_size, region_queue, generator)
 
@@ -260,8 +259,7 @@ def cirkd_enqueue_(
             f"{who}: queues {tuple(pixel_queue.shape)} and {tuple(region_queue.shape)} do not match "
             f"{d}-channel embeddings."
         )
-    if isinstance(pixels_per_class, bool) or not isinstance(pixels_per_class, int) or pixels_per_class <= 0:
-        raise ValueError(f"{who}: pixels_per_class must be a positive integer, got {pixels_per_class!r}.")
+    check_positive_int(who, "pixels_per_class", pixels_per_class)
     labels = resize_labels(labels, (h, w))
     feats = F.normalize(teacher_embed.detach(), p=2, dim=1).reshape(n, d, h * w)
     for b in range(n):
@@ -302,11 +300,7 @@ def _slot_index(
     who: str, kind: str, index: Tensor | None, size: int, queue: Tensor, generator: torch.Generator | None
 ) -> Tensor:
     length = queue.shape[1]
-    if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= length:
-        raise ValueError(
-            f"{who}: {kind}_contrast_size must be an integer in [1, {length}] (the {kind} queue length), "
-            f"got {size!r}."
-        )
+    check_int_at_most(who, f"{kind}_contrast_size", size, length, f"the {kind} queue length")
     if index is None:
         return torch.randperm(length, generator=generator)[:size]
     index = torch.as_tensor(index, dtype=torch.long)
@@ -315,16 +309,3 @@ def _slot_index(
             f"{who}: {kind}_index must hold {size} slot indices, got shape {tuple(index.shape)}."
         )
     return index
-
-
-def _check_feature_pair(who: str, student: Tensor, teacher: Tensor) -> None:
-    if student.ndim != 4 or teacher.ndim != 4:
-        raise ValueError(
-            f"{who} expects (B, C, H, W) feature maps, got student {tuple(student.shape)} and teacher "
-            f"{tuple(teacher.shape)}."
-        )
-    if student.shape[0] != teacher.shape[0] or student.shape[-2:] != teacher.shape[-2:]:
-        raise ValueError(
-            f"{who}: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} features must have the "
-            "same batch size and spatial size (only the channels may differ); tap layers at the same stride."
-        )

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightningkd.adapters import match_spatial
-from lightningkd.functional.pixel_kd import _check_dense_logits
+from lightningkd.functional._helpers import check_dense_pair, check_positive, match_spatial
 
 
 def cwd_loss(student: Tensor, teacher: Tensor, temperature: float = 4.0) -> Tensor:
@@ -45,12 +44,10 @@ def cwd_loss(student: Tensor, teacher: Tensor, temperature: float = 4.0) -> Tens
         >>> round(cwd_loss(ys, yt, temperature=1.0).item(), 4)  # KL([.12, .88] || [.5, .5])
         0.3278
     """
-    if not temperature > 0:
-        raise ValueError(f"cwd_loss: temperature must be > 0, got {temperature}.")
-    ys, yt = _check_dense_logits("cwd_loss", student, teacher, "maps")
+    t = check_positive("cwd_loss", "temperature", temperature)
+    ys, yt = check_dense_pair("cwd_loss", student, teacher, "maps")
     yt = match_spatial(yt, tuple(ys.shape[-2:]), mode="bilinear")
     n, c = ys.shape[:2]
-    t = float(temperature)
     log_p_s = F.log_softmax(ys.flatten(2) / t, dim=2)
     log_p_t = F.log_softmax(yt.flatten(2) / t, dim=2)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from lightningkd.functional._helpers import check_non_negative, check_positive, match_spatial
+
 # Additive eps in the Pearson denominator, as in the authors' ``cosine_similarity`` (dist_kd.py).
 _PEARSON_EPS = 1e-8
 
@@ -31,7 +33,8 @@ def dist_terms(
     Dense (segmentation) logits ``(N, C, H, W)`` are flattened to ``(N*H*W, C)``, every pixel being one
     sample, as in hunto/DIST_KD ``segmentation/losses/dist_kd.py`` (the intra-class term then pools the
     pixels of the whole batch). That segmentation code has no temperature; it equals this function with
-    ``temperature=1``. Both maps must already have the same size.
+    ``temperature=1``. When the dense maps differ in size, the teacher logits are first resized to the
+    student's ``(H, W)`` (bilinear, ``align_corners=False``); the authors' code receives maps of equal size.
 
     Args:
         student_logits: logits of the student.
@@ -40,7 +43,7 @@ def dist_terms(
             CIFAR-100).
 
     Shape:
-        ``(N, C)`` or ``(N, C, H, W)``, the same for both models.
+        ``(N, C)`` for both models, or dense student ``(N, C, H, W)`` and teacher ``(N, C, H_t, W_t)``.
 
     Returns:
         ``(inter, intra)``: two 0-dim tensors.
@@ -53,9 +56,7 @@ def dist_terms(
         (1.0011, 1.3333)
     """
     zs, zt = _as_rows("dist_terms", student_logits, teacher_logits)
-    if not temperature > 0:
-        raise ValueError(f"dist_terms: temperature must be > 0, got {temperature}.")
-    t = float(temperature)
+    t = check_positive("dist_terms", "temperature", temperature)
     ys = (zs / t).softmax(dim=1)
     yt = (zt / t).softmax(dim=1)
     inter = 1.0 - _pearson_rows(ys, yt).mean()
@@ -84,7 +85,8 @@ def dist_loss(
         temperature: softening temperature tau > 0 (authors: 1 on ImageNet, 4 on CIFAR-100).
 
     Shape:
-        ``(N, C)``, or dense ``(N, C, H, W)`` flattened to ``(N*H*W, C)``; the same for both models.
+        ``(N, C)``, or dense ``(N, C, H, W)`` flattened to ``(N*H*W, C)`` (the teacher resized to the
+        student's ``(H, W)`` first).
 
     Returns:
         0-dim loss.
@@ -95,9 +97,8 @@ def dist_loss(
         >>> round(dist_loss(z, z).item(), 6)
         0.0
     """
-    for key, value in (("beta", beta), ("gamma", gamma)):
-        if not value >= 0:
-            raise ValueError(f"dist_loss: {key} must be >= 0, got {value}.")
+    check_non_negative("dist_loss", "beta", beta)
+    check_non_negative("dist_loss", "gamma", gamma)
     inter, intra = dist_terms(student_logits, teacher_logits, temperature)
     return beta * inter + gamma * intra
 
@@ -110,11 +111,14 @@ def _pearson_rows(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _as_rows(who: str, student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
-    """Check the shapes and return ``(rows, C)`` views; dense maps give one row per pixel."""
+    """Check the shapes and return ``(rows, C)`` views; dense maps give one row per pixel of the student."""
+    if student.ndim == 4 and teacher.ndim == 4 and student.shape[:2] == teacher.shape[:2]:
+        teacher = match_spatial(teacher, tuple(student.shape[-2:]), mode="bilinear")
     if student.shape != teacher.shape or student.ndim not in (2, 4):
         raise ValueError(
             f"{who}: student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} "
-            "must have the same shape, (N, C) or (N, C, H, W) (resize dense logits before the loss)."
+            "must be (N, C) logits of the same shape, or (N, C, H, W) maps with the same N and C (the "
+            "teacher is resized to the student's H, W)."
         )
     if student.numel() == 0:
         raise ValueError(f"{who}: got empty logits {tuple(student.shape)} and {tuple(teacher.shape)}.")

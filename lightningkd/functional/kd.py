@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightningkd.functional._helpers import check_positive
+
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
     """``T^2 * KL(softmax(z_t / T) || softmax(z_s / T))``, summed over classes, averaged over the batch.
@@ -32,8 +34,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
             f"kd_loss: student logits {tuple(student_logits.shape)} and teacher logits "
             f"{tuple(teacher_logits.shape)} must have the same shape."
         )
-    if temperature <= 0:
-        raise ValueError(f"kd_loss: temperature must be > 0, got {temperature}.")
+    temperature = check_positive("kd_loss", "temperature", temperature)
     log_p_s = F.log_softmax(student_logits / temperature, dim=1)
     log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1).mean()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightningkd.functional._helpers import check_class_indices, common_float_dtype, flatten_embedding
+
 
 def nd_loss(student_emb: Tensor, teacher_emb: Tensor, class_centers: Tensor, labels: Tensor) -> Tensor:
     """``mean_i [1 - <s_i, c_{y_i} / ||c_{y_i}||> / max(||s_i||, ||t_i||)]``.
@@ -17,7 +19,8 @@ def nd_loss(student_emb: Tensor, teacher_emb: Tensor, class_centers: Tensor, lab
     embedding enters only through its norm. As in the official code there is no eps and no detach: the
     gradient flows through ``||s_i||`` when it is the larger norm (``torch.maximum``; on an exact tie it
     splits the gradient in half where Python's ``max`` gives it all to the student). Half-precision inputs
-    are computed in float32.
+    are computed in float32. Un-pooled maps ``(N, D, H, W)`` are global-average-pooled and tokens
+    ``(N, L, D)`` averaged first (so the two models' maps may differ in spatial size).
 
     Args:
         student_emb: student embeddings (already projected to the teacher's dimension).
@@ -26,7 +29,8 @@ def nd_loss(student_emb: Tensor, teacher_emb: Tensor, class_centers: Tensor, lab
         labels: integer class indices.
 
     Shape:
-        student_emb, teacher_emb ``(N, D)``; class_centers ``(K, D)``; labels ``(N,)``.
+        student_emb, teacher_emb ``(N, D)`` (or ``(N, D, H, W)`` / ``(N, L, D)``); class_centers ``(K, D)``;
+        labels ``(N,)``.
 
     Returns:
         0-dim loss.
@@ -39,11 +43,16 @@ def nd_loss(student_emb: Tensor, teacher_emb: Tensor, class_centers: Tensor, lab
         >>> nd_loss(s, t, centers, torch.tensor([0, 1])).item()  # (0 + (1 - 0.5)) / 2
         0.25
     """
-    tensors = {"student_emb": student_emb, "teacher_emb": teacher_emb, "class_centers": class_centers}
-    for key, value in tensors.items():
-        if not torch.is_tensor(value) or value.ndim != 2:
+    for key, value in (("student_emb", student_emb), ("teacher_emb", teacher_emb)):
+        if not torch.is_tensor(value) or value.ndim not in (2, 3, 4):
             shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
-            raise ValueError(f"nd_loss expects {key} of shape (rows, D), got {shape}.")
+            raise ValueError(
+                f"nd_loss expects {key} of shape (N, D), (N, D, H, W) or (N, L, D), got {shape}."
+            )
+    if not torch.is_tensor(class_centers) or class_centers.ndim != 2:
+        shape = tuple(class_centers.shape) if torch.is_tensor(class_centers) else type(class_centers).__name__
+        raise ValueError(f"nd_loss expects class_centers of shape (K, D), got {shape}.")
+    student_emb, teacher_emb = flatten_embedding(student_emb), flatten_embedding(teacher_emb)
     if student_emb.shape != teacher_emb.shape:
         raise ValueError(
             f"nd_loss: student embedding {tuple(student_emb.shape)} and teacher embedding "
@@ -55,33 +64,8 @@ def nd_loss(student_emb: Tensor, teacher_emb: Tensor, class_centers: Tensor, lab
             f"nd_loss: class centres {tuple(class_centers.shape)} must have the embedding dimension of "
             f"the embeddings {tuple(student_emb.shape)}."
         )
-    if (
-        not torch.is_tensor(labels)
-        or labels.ndim != 1
-        or labels.is_floating_point()
-        or labels.is_complex()
-        or labels.shape[0] != student_emb.shape[0]
-    ):
-        shape = tuple(labels.shape) if torch.is_tensor(labels) else type(labels).__name__
-        raise ValueError(
-            f"nd_loss expects integer labels of shape ({student_emb.shape[0]},) for embeddings "
-            f"{tuple(student_emb.shape)}, got {shape}"
-            + (f" of dtype {labels.dtype}." if torch.is_tensor(labels) else ".")
-        )
-    # Range check only off-GPU: on CUDA it would force a host-device sync every step, and an
-    # out-of-range index raises a device-side assert there anyway.
-    if (
-        labels.device.type == "cpu"
-        and labels.numel()
-        and (labels.min() < 0 or labels.max() >= len(class_centers))
-    ):
-        raise ValueError(
-            f"nd_loss: labels must lie in [0, {len(class_centers)}) for {len(class_centers)} class centres, "
-            f"got values in [{int(labels.min())}, {int(labels.max())}]."
-        )
-    dtype = torch.float32
-    for t in tensors.values():
-        dtype = torch.promote_types(dtype, t.dtype)
+    check_class_indices("nd_loss", labels, student_emb.shape[0], len(class_centers))
+    dtype = common_float_dtype(student_emb, teacher_emb, class_centers)
     s, t = student_emb.to(dtype), teacher_emb.to(dtype)
     centers = class_centers.to(device=s.device, dtype=dtype)[labels.to(s.device)]
     direction = centers / centers.norm(dim=1, keepdim=True)

@@ -6,8 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightningkd.adapters import match_spatial
-from lightningkd.functional.labels import resize_labels
+from lightningkd.functional._helpers import (
+    check_dense_pair,
+    check_label_map,
+    check_positive,
+    match_spatial,
+    resize_labels,
+)
 
 
 def pixel_kd_loss(
@@ -63,11 +68,9 @@ def pixel_kd_loss(
         >>> pixel_kd_loss(zs, zt, target=torch.tensor([[[0, 255]]])).item()  # pixel 2 ignored
         0.0
     """
-    if not temperature > 0:
-        raise ValueError(f"pixel_kd_loss: temperature must be > 0, got {temperature}.")
-    zs, zt = _check_dense_logits("pixel_kd_loss", student_logits, teacher_logits)
+    t = check_positive("pixel_kd_loss", "temperature", temperature)
+    zs, zt = check_dense_pair("pixel_kd_loss", student_logits, teacher_logits)
     zt = match_spatial(zt, tuple(zs.shape[-2:]), mode="bilinear")
-    t = float(temperature)
     log_p_s = F.log_softmax(zs / t, dim=1)
     log_p_t = F.log_softmax(zt / t, dim=1)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1)  # (N, H, W)
@@ -75,44 +78,7 @@ def pixel_kd_loss(
         return kl.mean() * (t * t)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"pixel_kd_loss: ignore_index must be an integer label, got {ignore_index!r}.")
-    valid = _resize_labels("pixel_kd_loss", target, kl.shape) != ignore_index
+    check_label_map("pixel_kd_loss", target, kl.shape[0])
+    valid = resize_labels(target, tuple(kl.shape[-2:])) != ignore_index
     kl = torch.where(valid, kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
     return kl.sum() / valid.sum().clamp_min(1) * (t * t)
-
-
-def _resize_labels(who: str, target: Tensor, size: torch.Size | tuple[int, int, int]) -> Tensor:
-    """Check an ``(N, H_label, W_label)`` integer label map and resize it (nearest) to ``size = (N, H, W)``."""
-    if not torch.is_tensor(target):
-        raise TypeError(f"{who}: the labels must be a tensor of class indices, got {type(target).__name__}.")
-    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        raise TypeError(f"{who}: the labels must be integer class indices, got dtype {target.dtype}.")
-    n, h, w = size
-    if target.ndim != 3 or target.shape[0] != n:
-        raise ValueError(
-            f"{who}: expected a label map (N, H_label, W_label) with N={n} for logits of {n} images, got "
-            f"{tuple(target.shape)}."
-        )
-    return resize_labels(target, (h, w))
-
-
-def _check_dense_logits(
-    who: str, student: Tensor, teacher: Tensor, what: str = "logits"
-) -> tuple[Tensor, Tensor]:
-    """Check two ``(N, C, H, W)`` maps with the same N and C; half precision is promoted to float32."""
-    if (
-        student.ndim != 4
-        or teacher.ndim != 4
-        or student.shape[:2] != teacher.shape[:2]
-        or student.numel() == 0
-        or teacher.numel() == 0
-    ):
-        raise ValueError(
-            f"{who}: student {what} {tuple(student.shape)} and teacher {what} {tuple(teacher.shape)} must be "
-            "non-empty (N, C, H, W) maps with the same N and C (the spatial sizes may differ: the teacher is "
-            "resized to the student's)."
-        )
-    if student.dtype in (torch.float16, torch.bfloat16):
-        student = student.float()
-    if teacher.dtype in (torch.float16, torch.bfloat16):
-        teacher = teacher.float()
-    return student, teacher

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightningkd.adapters import flatten_embedding
+from lightningkd.functional._helpers import check_non_negative, flatten_embedding
 
 # Floor of the squared pairwise distance before the square root, as in the authors' ``pdist``
 # (lenscloth/RKD metric/utils.py): keeps sqrt differentiable for coincident embeddings.
@@ -93,7 +93,7 @@ def rkd_loss(
 
     RKD compares only the geometry of the batch, so the student and teacher dimensions may differ. The
     embeddings are the pooled penultimate features (mdistiller uses ``pooled_feat``). Accepted inputs,
-    turned into ``(N, D)`` by :func:`lightningkd.adapters.flatten_embedding`: ``(N, D)``; ``(N, D, 1, 1)``
+    turned into ``(N, D)`` first: ``(N, D)``; ``(N, D, 1, 1)``
     (e.g. torchvision ResNet ``avgpool``); un-pooled ``(N, C, H, W)`` maps, **global-average-pooled**
     (mdistiller would flatten them with ``view(N, -1)`` instead; it only ever passes pooled features);
     and ``(N, L, D)`` tokens, averaged over tokens.
@@ -117,11 +117,36 @@ def rkd_loss(
         >>> rkd_loss(s, t).item()
         0.0
     """
-    for key, value in (("distance_weight", distance_weight), ("angle_weight", angle_weight)):
-        if not value >= 0:
-            raise ValueError(f"rkd_loss: {key} must be >= 0, got {value}.")
-    s, t = _embeddings("rkd_loss", student_emb, teacher_emb)
-    return distance_weight * rkd_distance_loss(s, t) + angle_weight * rkd_angle_loss(s, t)
+    check_non_negative("rkd_loss", "distance_weight", distance_weight)
+    check_non_negative("rkd_loss", "angle_weight", angle_weight)
+    distance, angle = rkd_terms(student_emb, teacher_emb)
+    return distance_weight * distance + angle_weight * angle
+
+
+def rkd_terms(student_emb: Tensor, teacher_emb: Tensor) -> tuple[Tensor, Tensor]:
+    """The two unweighted RKD terms ``(distance, angle)`` (:func:`rkd_distance_loss`, :func:`rkd_angle_loss`).
+
+    Park, Kim, Lu & Cho, "Relational Knowledge Distillation", CVPR 2019, arXiv:1904.05068. The embeddings
+    are pooled once, as in :func:`rkd_loss`.
+
+    Args:
+        student_emb: embeddings of the student.
+        teacher_emb: embeddings of the teacher (no gradient flows into them).
+
+    Shape:
+        student ``(N, D_s)``, teacher ``(N, D_t)`` with ``N >= 2``, or the pooled forms of :func:`rkd_loss`.
+
+    Returns:
+        ``(distance, angle)``: two 0-dim tensors.
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0]])
+        >>> [round(v.item(), 6) for v in rkd_terms(x, 2 * x)]
+        [0.0, 0.0]
+    """
+    s, t = _embeddings("rkd_terms", student_emb, teacher_emb)
+    return rkd_distance_loss(s, t), rkd_angle_loss(s, t)
 
 
 def _pdist(x: Tensor) -> Tensor:

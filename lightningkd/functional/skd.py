@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightningkd.adapters import match_spatial
+from lightningkd.functional._helpers import (
+    at_least_float32,
+    check_choice,
+    check_fraction,
+    match_spatial,
+    shape_of,
+)
 
-SKD_POOLINGS = ("original", "fixed_2x2")
+SKDPooling = Literal["original", "fixed_2x2"]
 """Values of ``pooling`` in :func:`skd_loss`: the authors' code, or CIRKD's re-implementation."""
+
+SKD_POOLINGS: tuple[str, ...] = get_args(SKDPooling)
 
 # The authors' node normaliser adds this to the (detached) L2 norm.
 _ORIGINAL_NORM_EPS = 1e-8
 
 
 def skd_loss(
-    student_feat: Tensor, teacher_feat: Tensor, pooling: str = "original", pool_scale: float = 0.5
+    student_feat: Tensor, teacher_feat: Tensor, pooling: SKDPooling = "original", pool_scale: float = 0.5
 ) -> Tensor:
     """Mean squared difference of the student's and teacher's node-to-node cosine-similarity maps.
 
@@ -64,9 +74,8 @@ def skd_loss(
         >>> round(skd_loss(fs, ft, pooling="fixed_2x2").item(), 6)  # a single node in each map
         0.0
     """
-    if pooling not in SKD_POOLINGS:
-        raise ValueError(f"skd_loss: pooling must be one of {SKD_POOLINGS}, got {pooling!r}.")
-    _check_pool_scale("skd_loss", pool_scale)
+    check_choice("skd_loss", "pooling", pooling, SKD_POOLINGS)
+    check_fraction("skd_loss", "pool_scale", pool_scale)
     if (
         not torch.is_tensor(student_feat)
         or not torch.is_tensor(teacher_feat)
@@ -78,11 +87,10 @@ def skd_loss(
     ):
         raise ValueError(
             f"skd_loss: expected non-empty (N, C, H, W) feature maps with the same N, got student "
-            f"{_shape(student_feat)} and teacher {_shape(teacher_feat)} (the channels and spatial sizes may "
+            f"{shape_of(student_feat)} and teacher {shape_of(teacher_feat)} (the channels and spatial sizes may "
             "differ)."
         )
-    fs = student_feat.float() if student_feat.dtype in (torch.float16, torch.bfloat16) else student_feat
-    ft = teacher_feat.float() if teacher_feat.dtype in (torch.float16, torch.bfloat16) else teacher_feat
+    fs, ft = at_least_float32(student_feat), at_least_float32(teacher_feat)
     ft = match_spatial(ft, tuple(fs.shape[-2:]), mode="bilinear")
     if pooling == "original":
         h, w = ft.shape[-2:]
@@ -99,7 +107,7 @@ def skd_loss(
     return (a_t - a_s).pow(2).mean()
 
 
-def _node_similarity(feat: Tensor, pooling: str) -> Tensor:
+def _node_similarity(feat: Tensor, pooling: SKDPooling) -> Tensor:
     """``(N, C, h, w)`` pooled map -> ``(N, h*w, h*w)`` cosine similarities between its nodes."""
     nodes = feat.flatten(2)  # (N, C, M)
     if pooling == "original":
@@ -107,12 +115,3 @@ def _node_similarity(feat: Tensor, pooling: str) -> Tensor:
     else:
         nodes = F.normalize(nodes, p=2.0, dim=1, eps=1e-12)
     return nodes.transpose(1, 2) @ nodes
-
-
-def _check_pool_scale(who: str, pool_scale: float) -> None:
-    if isinstance(pool_scale, bool) or not isinstance(pool_scale, (int, float)) or not 0 < pool_scale <= 1:
-        raise ValueError(f"{who}: pool_scale must be a number in (0, 1], got {pool_scale!r}.")
-
-
-def _shape(x: object) -> object:
-    return tuple(x.shape) if torch.is_tensor(x) else type(x).__name__

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from lightningkd.distillers.at import AT
 from lightningkd.functional.at import at_loss, attention_map
-from tests.distiller_tester import DistillerTester, parity_cases, tensor
+from tests.distiller_tester import DistillerTester, parity_cases, parse_distiller, tensor
 
 Nested = list  # (N, C, H, W) as nested Python lists
 
@@ -55,8 +55,26 @@ class TestAT(DistillerTester):
         "init_args: {student_layers: [layer2, layer3], teacher_layers: [layer2, layer3], p: 2.0, weight: 1000.0}"
     )
 
+    term_names = ("a", "b")
+
     def make(self) -> AT:
         return AT(student_layers=["a", "b"], teacher_layers=["ta", "tb"])
+
+    def twin(self, distiller, student, teacher, batch):
+        return sum(
+            at_loss(student[s], teacher[t], distiller.p, distiller.resize)
+            for s, t in zip(distiller.student_layers, distiller.teacher_layers)
+        )
+
+    def resized_inputs(self):
+        return (
+            {
+                "a": torch.randn(2, 4, 8, 6, requires_grad=True),
+                "b": torch.randn(2, 6, 4, 4, requires_grad=True),
+            },
+            {"ta": torch.randn(2, 8, 4, 3), "tb": torch.randn(2, 12, 8, 8)},
+            None,
+        )
 
     def inputs(self):
         # first pair: different channels AND spatial sizes; second: different channels only
@@ -127,6 +145,20 @@ class TestAT(DistillerTester):
         expected = at_by_hand(s1.tolist(), t1.tolist()) + at_by_hand(s2.tolist(), t2.tolist())
         assert got == pytest.approx(expected, rel=1e-6)
 
+    def test_terms_are_the_pairs(self) -> None:
+        torch.manual_seed(3)
+        s1, t1 = torch.randn(2, 2, 2, 2), torch.randn(2, 3, 2, 2)
+        s2, t2 = torch.randn(2, 4, 3, 3), torch.randn(2, 2, 3, 3)
+        terms = AT(student_layers=["s1", "s2"], teacher_layers=["t1", "t2"]).terms(
+            {"s1": s1, "s2": s2}, {"t1": t1, "t2": t2}
+        )
+        assert list(terms) == ["s1", "s2"]
+        assert terms["s1"].item() == pytest.approx(at_by_hand(s1.tolist(), t1.tolist()), rel=1e-6)
+        assert terms["s2"].item() == pytest.approx(at_by_hand(s2.tolist(), t2.tolist()), rel=1e-6)
+        # a student layer used twice: the terms are numbered instead
+        twice = AT(student_layers=["s1", "s1"], teacher_layers=["t1", "t2"])
+        assert list(twice.terms({"s1": s1}, {"t1": t1, "t2": t1})) == ["pair0", "pair1"]
+
     def test_mismatched_spatial_pools_the_larger_map(self) -> None:
         torch.manual_seed(4)
         s, t = torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.randn(2, 5, 2, 2, dtype=torch.float64)
@@ -178,3 +210,12 @@ class TestAT(DistillerTester):
             AT(student_layers=["a"], teacher_layers=["a"])(
                 {"b": torch.zeros(1, 1, 2, 2)}, {"a": torch.zeros(1, 1, 2, 2)}
             )
+
+    def test_yaml_resize_typo_fails_at_parse_time(self) -> None:
+        spec = {
+            "class_path": "lightningkd.distillers.AT",
+            "init_args": {"student_layers": ["a"], "teacher_layers": ["a"]},
+        }
+        spec["init_args"]["resize"] = "pool_large"
+        with pytest.raises(Exception, match=r"(?s)resize.*pool_larger.*Got value: pool_large"):
+            parse_distiller(spec)

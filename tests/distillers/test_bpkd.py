@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from lightningkd.distillers.bpkd import BPKD
 from lightningkd.functional.bpkd import boundary_masks, bpkd_loss, bpkd_terms
-from tests.distiller_tester import DistillerTester, kl_by_hand, log_softmax_by_hand
+from tests.distiller_tester import DistillerTester, kl_by_hand, log_softmax_by_hand, parse_distiller
 
 IGNORE = 255
 
@@ -156,8 +156,27 @@ class TestBPKD(DistillerTester):
         "init_args: {num_classes: 19, edge_width: 7, temperature: 4.0, edge_weight: 50.0, body_weight: 20.0}"
     )
 
+    term_names = ("edge", "body")
+
     def make(self) -> BPKD:
         return BPKD(num_classes=3, edge_width=3)
+
+    def twin(self, distiller, student, teacher, batch):
+        return bpkd_loss(
+            student["output"],
+            teacher["output"],
+            batch["target"],
+            edge_weight=distiller.edge_weight,
+            body_weight=distiller.body_weight,
+            edge_width=distiller.edge_width,
+            temperature=distiller.temperature,
+            alpha_edge=distiller.alpha_edge,
+            count_mode=distiller.count_mode,
+            ignore_mode=distiller.ignore_mode,
+        )
+
+    def resized_inputs(self):
+        return self.inputs()  # student 4x4, teacher 8x8 logits
 
     def inputs(self):
         target = torch.zeros(2, 16, 16, dtype=torch.long)
@@ -264,10 +283,10 @@ class TestBPKD(DistillerTester):
         bpkd = BPKD(num_classes=3, edge_width=3, edge_weight=5.0, body_weight=3.0)
         got = bpkd({"output": zs}, {"output": zt}, {"target": y})
         assert got.item() == pytest.approx(3.0 * body_hand + 5.0 * edge_hand, rel=1e-5)
-        edge, body = bpkd.terms({"output": zs}, {"output": zt}, {"target": y})
-        assert edge.item() == pytest.approx(edge_hand, rel=1e-5) and body.item() == pytest.approx(
-            body_hand, rel=1e-5
-        )
+        terms = bpkd.terms({"output": zs}, {"output": zt}, {"target": y})
+        assert list(terms) == ["edge", "body"]  # each already multiplied by its weight
+        assert terms["edge"].item() == pytest.approx(5.0 * edge_hand, rel=1e-5)
+        assert terms["body"].item() == pytest.approx(3.0 * body_hand, rel=1e-5)
         assert bpkd_loss(zs, zt, y, edge_width=3, edge_weight=5.0, body_weight=3.0).item() == pytest.approx(
             got.item(), rel=1e-6
         )
@@ -312,12 +331,12 @@ class TestBPKD(DistillerTester):
         bpkd = BPKD(num_classes=3, edge_width=3)
         a = bpkd.terms({"output": zs}, {"output": zt}, {"target": y})
         b = bpkd.terms({"output": zs2}, {"output": zt2}, {"target": y})
-        assert all(u.item() == pytest.approx(v.item(), rel=1e-6) for u, v in zip(a, b))
+        assert all(a[k].item() == pytest.approx(b[k].item(), rel=1e-6) for k in ("edge", "body"))
         # a cell that is only partly ignored does take part
         zs3 = zs.clone()
         zs3[:, :, 3, 0] += 3.0
         c = bpkd.terms({"output": zs3}, {"output": zt}, {"target": y})
-        assert c[1].item() != pytest.approx(a[1].item(), rel=1e-4)
+        assert c["body"].item() != pytest.approx(a["body"].item(), rel=1e-4)
 
     def test_identical_logits_give_zero(self) -> None:
         y = _mixed_labels()
@@ -335,7 +354,7 @@ class TestBPKD(DistillerTester):
             boundary_masks(torch.zeros(1, 4, 4, dtype=torch.long), 2, (2, 2), edge_width=2)
         with pytest.raises(ValueError, match="num_classes must be a positive integer"):
             BPKD(num_classes=0)
-        with pytest.raises(ValueError, match="temperature must be > 0"):
+        with pytest.raises(ValueError, match="temperature must be a number > 0"):
             BPKD(num_classes=3, temperature=0.0)
         with pytest.raises(ValueError, match="count_mode must be one of"):
             BPKD(num_classes=3, count_mode="hard")
@@ -356,7 +375,7 @@ class TestBPKD(DistillerTester):
             bpkd(z, z, {"target": bad})
         with pytest.raises(TypeError, match="integer class labels"):
             bpkd(z, z, {"target": torch.zeros(2, 8, 8)})
-        with pytest.raises(ValueError, match=r"\(N, H, W\)"):
+        with pytest.raises(ValueError, match=r"\(N, H_label, W_label\).*\(2, 3, 8, 8\)"):
             bpkd(z, z, {"target": torch.zeros(2, 3, 8, 8, dtype=torch.long)})
         with pytest.raises(ValueError, match="built for num_classes=3"):
             bpkd(
@@ -368,3 +387,11 @@ class TestBPKD(DistillerTester):
             bpkd_terms(torch.zeros(2, 3, 4, 4), torch.zeros(2, 2, 4, 4), _mixed_labels())
         with pytest.raises(KeyError, match="tapped"):
             bpkd({"logits": torch.zeros(2, 3, 4, 4)}, z, {"target": _mixed_labels()})
+        with pytest.raises(ValueError, match="body_weight must be a number >= 0"):
+            bpkd_loss(z["output"], z["output"], _mixed_labels(), body_weight=-2.0)
+
+    @pytest.mark.parametrize("key,value", [("count_mode", "soft"), ("ignore_mode", "ignore")])
+    def test_yaml_mode_typo_fails_at_parse_time(self, key: str, value: str) -> None:
+        spec = {"class_path": "lightningkd.distillers.BPKD", "init_args": {"num_classes": 3, key: value}}
+        with pytest.raises(Exception, match=rf"(?s){key}.*Got value: {value}"):
+            parse_distiller(spec)

@@ -6,12 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from lightningkd.distillers.cirkd import CIRKDMemory, CIRKDMiniBatch
-from lightningkd.functional.cirkd import (
-    cirkd_enqueue_,
-    cirkd_memory_terms,
-    cirkd_minibatch_loss,
-    resize_labels,
-)
+from lightningkd.functional._helpers import resize_labels
+from lightningkd.functional.cirkd import cirkd_enqueue_, cirkd_memory_terms, cirkd_minibatch_loss
 from tests.distiller_tester import DistillerTester, kl_by_hand, log_softmax_by_hand
 
 IGNORE = 255
@@ -125,6 +121,9 @@ class TestCIRKDMiniBatch(DistillerTester):
     def make(self) -> CIRKDMiniBatch:
         return CIRKDMiniBatch(student_layer="s", teacher_layer="t")
 
+    def twin(self, distiller, student, teacher, batch):
+        return cirkd_minibatch_loss(student["s"], teacher["t"], distiller.temperature, distiller.pooling)
+
     def inputs(self):
         return ({"s": torch.randn(2, 4, 3, 3, requires_grad=True)}, {"t": torch.randn(2, 6, 3, 3)}, None)
 
@@ -152,8 +151,17 @@ class TestCIRKDMiniBatch(DistillerTester):
         assert expected > 0
         assert cirkd_minibatch_loss(fs, ft).item() == pytest.approx(expected, rel=1e-10)
 
+    def test_both_forms_reject_different_spatial_sizes(self) -> None:
+        # pixel i of the student is compared with pixel i of the teacher: no resizing, in either form
+        s, t = torch.zeros(2, 4, 3, 3), torch.zeros(2, 4, 4, 4)
+        message = r"same batch size and spatial size.*same stride"
+        with pytest.raises(ValueError, match=message):
+            self.make()({"s": s}, {"t": t})
+        with pytest.raises(ValueError, match=message):
+            cirkd_minibatch_loss(s, t)
+
     def test_rejects_bad_arguments(self) -> None:
-        with pytest.raises(ValueError, match="temperature must be > 0"):
+        with pytest.raises(ValueError, match="temperature must be a number > 0"):
             CIRKDMiniBatch(student_layer="s", teacher_layer="t", temperature=0.0)
         cirkd = self.make()
         with pytest.raises(ValueError, match="same batch size and spatial size"):
@@ -185,8 +193,25 @@ class TestCIRKDMemory(DistillerTester):
         " region_memory_size: 20, weight: 0.1}"
     )
 
+    term_names = ("p2p", "p2r")
+
     def make(self) -> CIRKDMemory:
-        return make_memory()
+        return make_memory(pixel_weight=0.5, region_weight=2.0)
+
+    def twin(self, distiller, student, teacher, batch):
+        p2p, p2r = cirkd_memory_terms(
+            distiller.project_head(student["s"]),
+            teacher["t"],
+            batch["target"],
+            distiller.pixel_queue,
+            distiller.region_queue,
+            pixel_contrast_size=distiller.pixel_contrast_size,
+            region_contrast_size=distiller.region_contrast_size,
+            contrast_temperature=distiller.contrast_temperature,
+            kd_temperature=distiller.kd_temperature,
+            ignore_index=distiller.ignore_index,
+        )
+        return distiller.pixel_weight * p2p + distiller.region_weight * p2r
 
     def inputs(self):
         target = torch.randint(0, 3, (2, 8, 8))
@@ -196,6 +221,19 @@ class TestCIRKDMemory(DistillerTester):
             {"t": torch.randn(2, 6, 4, 4)},
             {"target": target},
         )
+
+    def test_both_forms_reject_different_spatial_sizes(self) -> None:
+        cirkd = self.make()
+        s, t = torch.zeros(2, 4, 4, 4), torch.zeros(2, 6, 2, 2)
+        labels = torch.zeros(2, 8, 8, dtype=torch.long)
+        message = r"same batch size and spatial size.*same stride"
+        with pytest.raises(ValueError, match=message):
+            cirkd({"s": s}, {"t": t}, {"target": labels})
+        with pytest.raises(ValueError, match=message):
+            cirkd_memory_terms(
+                torch.zeros(2, 6, 4, 4), t, labels, cirkd.pixel_queue, cirkd.region_queue,
+                pixel_contrast_size=2, region_contrast_size=2,
+            )  # fmt: skip
 
     def test_queues_are_buffers_not_parameters(self) -> None:
         cirkd = self.make()
@@ -345,7 +383,7 @@ class TestCIRKDMemory(DistillerTester):
 
         s, t = torch.randn(2, Cs, 4, 4, dtype=torch.float64), torch.randn(2, Ct, 4, 4, dtype=torch.float64)
         labels = torch.tensor([LABELS_4x4, [[1, 1, 0, 0], [1, 1, 0, 0], [IGNORE] * 4, [0, 1, 1, 1]]])
-        p2p, p2r = cirkd.terms({"s": s}, {"t": t}, {"target": labels})
+        terms = cirkd.terms({"s": s}, {"t": t}, {"target": labels})
 
         # expected memory after the enqueue, by hand
         lab = labels.numpy()
@@ -374,8 +412,9 @@ class TestCIRKDMemory(DistillerTester):
         x = s.numpy().transpose(0, 2, 3, 1) @ w1.numpy().T / math.sqrt(1 + BN_EPS)
         emb = (np.maximum(x, 0) @ w2.numpy().T).transpose(0, 3, 1, 2)
         expected = memory_terms_by_hand(emb, t.numpy(), lab, pixel_mem, region_mem, 0.2, 2.0)
-        assert p2p.item() == pytest.approx(expected[0], rel=1e-10)
-        assert p2r.item() == pytest.approx(expected[1], rel=1e-10)
+        assert list(terms) == ["p2p", "p2r"]  # each multiplied by its weight
+        assert terms["p2p"].item() == pytest.approx(0.5 * expected[0], rel=1e-10)
+        assert terms["p2r"].item() == pytest.approx(3.0 * expected[1], rel=1e-10)
 
         # forward: pixel_weight * p2p + region_weight * p2r (in eval mode: no enqueue, same memory)
         cirkd.eval()
@@ -398,7 +437,7 @@ class TestCIRKDMemory(DistillerTester):
             if head_eval:
                 cirkd.project_head.eval()
             terms = cirkd.terms({"s": student}, {"t": teacher}, {"target": labels})
-            return [x.item() for x in terms], cirkd.pixel_queue.clone(), cirkd.region_queue.clone()
+            return [x.item() for x in terms.values()], cirkd.pixel_queue.clone(), cirkd.region_queue.clone()
 
         base, pq, rq = run(s, t, head_eval=False)
         # the teacher at ignored pixels: never enqueued, never an anchor (train-mode head included)
@@ -440,7 +479,7 @@ class TestCIRKDMemory(DistillerTester):
             make_memory(region_contrast_size=0)
         with pytest.raises(ValueError, match="pixels_per_class must be a positive integer"):
             make_memory(pixels_per_class=0)
-        with pytest.raises(ValueError, match="kd_temperature must be > 0"):
+        with pytest.raises(ValueError, match="kd_temperature must be a number > 0"):
             make_memory(kd_temperature=0)
         with pytest.raises(ValueError, match="region_weight must be a number >= 0"):
             make_memory(region_weight=-1.0)
@@ -457,7 +496,7 @@ class TestCIRKDMemory(DistillerTester):
             cirkd({"s": torch.zeros(2, 5, 4, 4)}, t, labels)
         with pytest.raises(ValueError, match="same batch size and spatial size"):
             cirkd(s, {"t": torch.zeros(2, 6, 2, 2)}, labels)
-        with pytest.raises(ValueError, match=r"labels of shape \(N, H, W\)"):
+        with pytest.raises(ValueError, match=r"label map \(N, H_label, W_label\) with N=2.*\(3, 8, 8\)"):
             cirkd(s, t, {"target": torch.zeros(3, 8, 8, dtype=torch.long)})
         q = torch.zeros(3, 5, 6)
         with pytest.raises(ValueError, match="same channels"):

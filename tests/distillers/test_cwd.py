@@ -61,6 +61,12 @@ class TestChannelWiseDivergence(DistillerTester):
         # different channels AND spatial sizes (the teacher is resized to the student's 8x8)
         return ({"s": torch.randn(2, 4, 8, 8, requires_grad=True)}, {"t": torch.randn(2, 6, 4, 4)}, None)
 
+    def twin(self, distiller, student, teacher, batch):
+        return cwd_loss(distiller.adapter(student["s"]), teacher["t"], distiller.temperature)
+
+    def resized_inputs(self):
+        return ({"s": torch.randn(2, 4, 6, 5, requires_grad=True)}, {"t": torch.randn(2, 6, 12, 9)}, None)
+
     @pytest.mark.parametrize("tau", [1.0, 4.0])
     def test_known_value_on_logits(self, tau: float) -> None:
         torch.manual_seed(0)

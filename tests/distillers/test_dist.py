@@ -44,8 +44,15 @@ class TestDIST(DistillerTester):
         "init_args: {beta: 1.0, gamma: 1.0, temperature: 4.0, weight: 2.0}"
     )
 
+    term_names = ("inter", "intra")
+
     def make(self) -> DIST:
-        return DIST(beta=1.0, gamma=1.0, temperature=4.0)
+        return DIST(beta=1.0, gamma=2.0, temperature=4.0)
+
+    def twin(self, distiller, student, teacher, batch):
+        return dist_loss(
+            student["output"], teacher["output"], distiller.beta, distiller.gamma, distiller.temperature
+        )
 
     def inputs(self):
         return (
@@ -66,6 +73,12 @@ class TestDIST(DistillerTester):
         )
         assert got_inter.item() == pytest.approx(inter, rel=1e-12)
         assert got_intra.item() == pytest.approx(intra, rel=1e-12)
+        terms = DIST(beta=2.0, gamma=0.5, temperature=T).terms(
+            {"output": torch.tensor(ZS, dtype=torch.float64)},
+            {"output": torch.tensor(ZT, dtype=torch.float64)},
+        )
+        assert terms["inter"].item() == pytest.approx(2.0 * inter, rel=1e-12)
+        assert terms["intra"].item() == pytest.approx(0.5 * intra, rel=1e-12)
 
     def test_dense_logits_are_pixels(self) -> None:
         torch.manual_seed(0)
@@ -112,15 +125,17 @@ class TestDIST(DistillerTester):
             DIST(beta=-1.0)
         with pytest.raises(ValueError, match="gamma"):
             DIST(gamma=-1.0)
-        with pytest.raises(ValueError, match="gamma must be >= 0"):
+        with pytest.raises(ValueError, match="gamma must be a number >= 0"):
             dist_loss(torch.zeros(2, 3), torch.zeros(2, 3), gamma=-1.0)
-        with pytest.raises(ValueError, match="temperature must be > 0"):
+        with pytest.raises(ValueError, match="temperature must be a number > 0"):
             dist_loss(torch.zeros(2, 3), torch.zeros(2, 3), temperature=-1.0)
         with pytest.raises(ValueError, match=r"student logits \(2, 3\) and teacher logits \(2, 4\)"):
             dist_loss(torch.zeros(2, 3), torch.zeros(2, 4))
-        with pytest.raises(ValueError, match=r"\(2, 3, 4, 4\) and teacher logits \(2, 3, 8, 8\)"):
-            dist_loss(torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 8, 8))
-        with pytest.raises(ValueError, match=r"\(N, C\) or \(N, C, H, W\)"):
+        with pytest.raises(
+            ValueError, match=r"\(2, 3, 4, 4\) and teacher logits \(2, 4, 8, 8\).*same N and C"
+        ):
+            dist_loss(torch.zeros(2, 3, 4, 4), torch.zeros(2, 4, 8, 8))
+        with pytest.raises(ValueError, match=r"\(N, C\) logits of the same shape, or \(N, C, H, W\) maps"):
             dist_loss(torch.zeros(2, 3, 4), torch.zeros(2, 3, 4))
         with pytest.raises(KeyError, match="tapped"):
             DIST(teacher_layer="fc")({"output": torch.zeros(2, 3)}, {"output": torch.zeros(2, 3)})

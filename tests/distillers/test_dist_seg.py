@@ -21,8 +21,18 @@ class TestDISTSegmentation(DistillerTester):
         "class_path: lightningkd.distillers.dist.DIST\ninit_args: {beta: 1.0, gamma: 1.0, temperature: 1.0}"
     )
 
+    term_names = ("inter", "intra")
+
     def make(self) -> DIST:
-        return DIST()
+        return DIST(beta=2.0, gamma=0.5)
+
+    def twin(self, distiller, student, teacher, batch):
+        return dist_loss(
+            student["output"], teacher["output"], distiller.beta, distiller.gamma, distiller.temperature
+        )
+
+    def resized_inputs(self):
+        return self.inputs()  # student 4x4, teacher 8x8
 
     def inputs(self):
         # dense logits; the teacher at twice the student's resolution is resized to it
@@ -63,9 +73,13 @@ class TestDISTSegmentation(DistillerTester):
         resized = F.interpolate(zt, size=(3, 4), mode="bilinear", align_corners=False)
         inter, intra = dist_by_hand(pixel_rows(zs), pixel_rows(resized), 1.0)
         assert DIST()({"output": zs}, {"output": zt}).item() == pytest.approx(inter + intra, rel=1e-10)
-        # the functional form keeps requiring equal shapes
-        with pytest.raises(ValueError, match=r"\(2, 4, 3, 4\) and teacher logits \(2, 4, 6, 8\)"):
-            dist_loss(zs, zt)
+        # the functional form resizes the same way
+        assert dist_loss(zs, zt).item() == pytest.approx(inter + intra, rel=1e-10)
+        got_inter, got_intra = dist_terms(zs, zt)
+        assert (got_inter.item(), got_intra.item()) == pytest.approx((inter, intra), rel=1e-10)
+        terms = DIST(beta=2.0, gamma=0.5).terms({"output": zs}, {"output": zt})
+        assert terms["inter"].item() == pytest.approx(2.0 * inter, rel=1e-10)
+        assert terms["intra"].item() == pytest.approx(0.5 * intra, rel=1e-10)
 
     def test_rejects_mismatched_classes(self) -> None:
         with pytest.raises(

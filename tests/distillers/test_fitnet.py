@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from lightningkd.distillers.fitnet import FitNet
 from lightningkd.functional.fitnet import fitnet_loss
-from tests.distiller_tester import DistillerTester
+from tests.distiller_tester import DistillerTester, parse_distiller
 
 BN_EPS = 1e-5  # BatchNorm2d default; in eval mode with fresh running stats BN is x / sqrt(1 + eps)
 
@@ -52,6 +52,21 @@ class TestFitNet(DistillerTester):
     def inputs(self):
         # different channels AND spatial sizes
         return ({"s": torch.randn(2, 4, 8, 8, requires_grad=True)}, {"t": torch.randn(2, 6, 4, 4)}, None)
+
+    def twin(self, distiller, student, teacher, batch):
+        return fitnet_loss(distiller.regressor(student["s"]), teacher["t"], distiller.resize)
+
+    def resized_inputs(self):
+        return ({"s": torch.randn(2, 4, 3, 5, requires_grad=True)}, {"t": torch.randn(2, 6, 6, 10)}, None)
+
+    def test_functional_resizes_the_student_map(self) -> None:
+        # 2x2 average pooling of a 4x4 student map by hand, then the MSE against the 2x2 teacher map
+        s = [[[[float(4 * h + w) for w in range(4)] for h in range(4)]]]
+        pooled = [[[[sum(s[0][0][2 * h + i][2 * w + j] for i in (0, 1) for j in (0, 1)) / 4 for w in range(2)]
+                    for h in range(2)]]]  # fmt: skip
+        t = [[[[1.0, -2.0], [0.5, 3.0]]]]
+        got = fitnet_loss(torch.tensor(s, dtype=torch.float64), torch.tensor(t, dtype=torch.float64), "pool")
+        assert got.item() == pytest.approx(mse_by_hand(pooled, t), rel=1e-12)
 
     def test_functional_known_value(self) -> None:
         a = [[[1.0, 2.0], [3.0, 4.0]]]
@@ -148,7 +163,25 @@ class TestFitNet(DistillerTester):
             fitnet({"s": torch.zeros(2, 5, 4, 4)}, {"t": torch.zeros(2, 8, 4, 4)})
         with pytest.raises(ValueError, match=r"built for 4 student and 8 teacher channels.*\(2, 7, 4, 4\)"):
             fitnet({"s": torch.zeros(2, 4, 4, 4)}, {"t": torch.zeros(2, 7, 4, 4)})
-        with pytest.raises(ValueError, match=r"\(2, 3, 4, 4\).*\(2, 3, 2, 2\).*same shape"):
-            fitnet_loss(torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 2, 2))
+        with pytest.raises(ValueError, match=r"\(2, 3, 4, 4\).*\(2, 5, 2, 2\).*same shape.*regressor"):
+            fitnet_loss(torch.zeros(2, 3, 4, 4), torch.zeros(2, 5, 2, 2))
+        with pytest.raises(ValueError, match=r"\(2, 3, 4\).*\(2, 3, 5\).*same shape"):
+            fitnet_loss(torch.zeros(2, 3, 4), torch.zeros(2, 3, 5))
+        with pytest.raises(ValueError, match="resize must be one of"):
+            fitnet_loss(torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 2, 2), resize="linear")
         with pytest.raises(KeyError, match="tapped"):
             fitnet({"x": torch.zeros(2, 4, 4, 4)}, {"t": torch.zeros(2, 8, 4, 4)})
+
+    def test_yaml_resize_typo_fails_at_parse_time(self) -> None:
+        spec = {
+            "class_path": "lightningkd.distillers.FitNet",
+            "init_args": {
+                "student_layer": "s",
+                "teacher_layer": "t",
+                "student_channels": 4,
+                "teacher_channels": 8,
+            },
+        }
+        spec["init_args"]["resize"] = "bilinearr"
+        with pytest.raises(Exception, match=r"(?s)resize.*Got value: bilinearr"):
+            parse_distiller(spec)

@@ -26,6 +26,9 @@ class TestKD(DistillerTester):
     def make(self) -> KD:
         return KD(temperature=4.0)
 
+    def twin(self, distiller, student, teacher, batch):
+        return kd_loss(student["output"], teacher["output"], distiller.temperature)
+
     def inputs(self):
         return (
             {"output": torch.randn(4, 10, requires_grad=True)},

@@ -1,12 +1,19 @@
 import json
 import math
+from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from lightningkd.distillers.nd import ND, class_centers, load_class_centers
+from lightningkd.callbacks.centers import NDClassCenters, class_centers, load_class_centers
+from lightningkd.distillers import KD
+from lightningkd.distillers.nd import ND
+from lightningkd.functional._helpers import flatten_embedding
 from lightningkd.functional.nd import nd_loss
+from lightningkd.modules import ClassificationDistillationModule
 from tests.distiller_tester import DistillerTester, parity_cases, tensor
 
 
@@ -31,6 +38,17 @@ def make_nd(**kwargs) -> ND:
     return ND(**{**args, **kwargs})
 
 
+def nd_module() -> L.LightningModule:
+    """A classification module with KD + ND (no centres yet) whose teacher's layer "1" is the identity."""
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3))
+    with torch.no_grad():
+        teacher[1].weight.copy_(torch.eye(4))
+        teacher[1].bias.zero_()
+    student = nn.Sequential(nn.Flatten(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3))
+    nd = ND(student_layer="1", teacher_layer="1", student_dim=4, teacher_dim=4, num_classes=3)
+    return ClassificationDistillationModule(student, teacher, num_classes=3, distillers=[KD(), nd])
+
+
 class TestND(DistillerTester):
     yaml_config = (
         "class_path: lightningkd.distillers.nd.ND\n"
@@ -47,6 +65,19 @@ class TestND(DistillerTester):
         return (
             {"s": torch.randn(4, 8, requires_grad=True)},
             {"t": torch.randn(4, 16)},
+            {"target": torch.tensor([0, 1, 2, 4])},
+        )
+
+    def twin(self, distiller, student, teacher, batch):
+        # the projector (a learnable adapter) runs on the pooled student embedding, as in the distiller
+        s = distiller.projector(flatten_embedding(student["s"]))
+        return nd_loss(s, teacher["t"], distiller.centers, batch["target"])
+
+    def resized_inputs(self):
+        # un-pooled maps of different sizes: both are global-average-pooled
+        return (
+            {"s": torch.randn(4, 8, 3, 3, requires_grad=True)},
+            {"t": torch.randn(4, 16, 2, 2)},
             {"target": torch.tensor([0, 1, 2, 4])},
         )
 
@@ -140,7 +171,9 @@ class TestND(DistillerTester):
     def test_without_centres_raises_a_clear_error(self) -> None:
         nd = make_nd()
         assert not nd.has_centers
-        with pytest.raises(RuntimeError, match=r"class centres are not set.*centers=.*NDClassCenters"):
+        with pytest.raises(
+            RuntimeError, match=r"class centres are not set.*NDClassCenters.*path=.*set_centers"
+        ):
             nd({"s": torch.randn(2, 4)}, {"t": torch.randn(2, 4)}, {"target": torch.tensor([0, 1])})
 
     def test_centres_round_trip_through_state_dict(self) -> None:
@@ -166,7 +199,9 @@ class TestND(DistillerTester):
         path = tmp_path / "center_emb_train.json"
         # the authors' format: str(class) -> list of floats (key order is not relied on)
         path.write_text(json.dumps({"2": rows[2], "0": rows[0], "1": rows[1]}))
-        nd = make_nd(centers=str(path))
+        module = nd_module()
+        NDClassCenters(path=str(path)).on_fit_start(SimpleNamespace(datamodule=None), module)
+        nd = module.distillers[1]
         assert nd.has_centers
         for got_row, row in zip(nd.centers.tolist(), rows):
             assert got_row == pytest.approx(row, rel=1e-6)
@@ -174,8 +209,10 @@ class TestND(DistillerTester):
     def test_loads_pt_centres(self, tmp_path) -> None:
         centres = torch.randn(3, 4)
         torch.save(centres, tmp_path / "centres.pt")
-        nd = make_nd(centers=str(tmp_path / "centres.pt"))
-        torch.testing.assert_close(nd.centers, centres)
+        torch.testing.assert_close(load_class_centers(tmp_path / "centres.pt"), centres)
+        module = nd_module()
+        NDClassCenters(path=tmp_path / "centres.pt").on_fit_start(SimpleNamespace(datamodule=None), module)
+        torch.testing.assert_close(module.distillers[1].centers, centres)
 
     def test_bad_centre_files_are_rejected(self, tmp_path) -> None:
         missing = tmp_path / "missing.json"
@@ -184,14 +221,42 @@ class TestND(DistillerTester):
             load_class_centers(missing)
         wrong_dim = tmp_path / "wrong_dim.json"
         wrong_dim.write_text(json.dumps({str(k): [1.0, 2.0] for k in range(3)}))
-        with pytest.raises(ValueError, match=r"shape \(3, 4\).*got \(3, 2\)"):
-            make_nd(centers=str(wrong_dim))
+        no_fit = SimpleNamespace(datamodule=None)
+        message = r"wrong_dim.json' have shape \(3, 2\).*'nd'.*num_classes=3 and teacher_dim=4.*\(3, 4\)"
+        with pytest.raises(ValueError, match=message):
+            NDClassCenters(path=wrong_dim).on_fit_start(no_fit, nd_module())
         with pytest.raises(FileNotFoundError, match="does not exist"):
-            make_nd(centers=str(tmp_path / "nope.pt"))
+            NDClassCenters(path=tmp_path / "nope.pt").on_fit_start(no_fit, nd_module())
         txt = tmp_path / "centres.txt"
         txt.write_text("1 2 3")
         with pytest.raises(ValueError, match=r"\.pt/\.pth or \.json"):
             load_class_centers(txt)
+        pickled = tmp_path / "centres.pt"
+        torch.save({"model": nn.Linear(2, 2)}, pickled)  # a pickled module: refused, never executed
+        with pytest.raises(Exception, match="weights_only|Weights only"):
+            load_class_centers(pickled)
+
+    def test_callback_computes_the_centres_with_the_teacher(self) -> None:
+        module = nd_module()
+        images, labels = torch.randn(12, 4), torch.tensor([0, 1, 2] * 4)
+        loader = DataLoader(TensorDataset(images, labels), batch_size=5)
+        trainer = SimpleNamespace(datamodule=SimpleNamespace(train_dataloader=lambda: loader))
+        NDClassCenters().on_fit_start(trainer, module)
+        # by hand: the teacher's "1" layer is the identity map of its (eye-initialised) Linear
+        expected = [
+            [sum(images[i, d].item() for i in range(12) if i % 3 == k) / 4 for d in range(4)]
+            for k in range(3)
+        ]
+        for got_row, row in zip(module.distillers[1].centers.tolist(), expected):
+            assert got_row == pytest.approx(row, rel=1e-5, abs=1e-6)
+        # centres already set (e.g. from a checkpoint) are kept
+        before = module.distillers[1].centers.clone()
+        NDClassCenters().on_fit_start(SimpleNamespace(datamodule=None), module)
+        assert torch.equal(module.distillers[1].centers, before)
+
+    def test_callback_without_datamodule_or_path_explains_the_fix(self) -> None:
+        with pytest.raises(RuntimeError, match=r"LightningDataModule.*NDClassCenters\(path="):
+            NDClassCenters().on_fit_start(SimpleNamespace(datamodule=None), nd_module())
 
     def test_class_centers_on_a_tiny_model(self) -> None:
         torch.manual_seed(0)
@@ -277,9 +342,11 @@ class TestND(DistillerTester):
             nd_loss(torch.randn(2, 4), torch.randn(2, 6), torch.randn(3, 4), torch.tensor([0, 1]))
         with pytest.raises(ValueError, match=r"centres \(3, 5\).*\(2, 4\)"):
             nd_loss(torch.randn(2, 4), torch.randn(2, 4), torch.randn(3, 5), torch.tensor([0, 1]))
-        with pytest.raises(ValueError, match=r"integer labels of shape \(2,\)"):
+        with pytest.raises(TypeError, match=r"labels must be integer class labels"):
             nd_loss(torch.randn(2, 4), torch.randn(2, 4), torch.randn(3, 4), torch.tensor([0.0, 1.0]))
-        with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        with pytest.raises(ValueError, match=r"labels \(3,\) must have shape \(N,\) = \(2,\)"):
+            nd_loss(torch.randn(2, 4), torch.randn(2, 4), torch.randn(3, 4), torch.tensor([0, 1, 2]))
+        with pytest.raises(ValueError, match=r"labels values must lie in \[0, 3\)"):
             nd_loss(torch.randn(2, 4), torch.randn(2, 4), torch.randn(3, 4), torch.tensor([0, 3]))
         with pytest.raises(KeyError, match="tapped"):
             nd({"x": torch.randn(2, 4)}, {"t": torch.randn(2, 4)}, {"target": torch.tensor([0, 1])})

@@ -45,6 +45,24 @@ class TestPixelKD(DistillerTester):
     def make(self) -> PixelKD:
         return PixelKD(temperature=2.0)
 
+    def twin(self, distiller, student, teacher, batch):
+        return pixel_kd_loss(
+            student["output"],
+            teacher["output"],
+            distiller.temperature,
+            batch["target"],
+            distiller.ignore_index,
+        )
+
+    def resized_inputs(self):
+        labels = torch.randint(0, 5, (2, 12, 12))
+        labels[:, :3] = 255
+        return (
+            {"output": torch.randn(2, 5, 3, 3, requires_grad=True)},
+            {"output": torch.randn(2, 5, 6, 5)},
+            {"target": labels},
+        )
+
     def inputs(self):
         labels = torch.randint(0, 5, (2, 8, 8))
         labels[:, :2] = 255
@@ -180,7 +198,7 @@ class TestPixelKD(DistillerTester):
             PixelKD()({"output": z}, {"output": z})
         with pytest.raises(ValueError, match=r"batch=\{'target': labels\}"):
             PixelKD()({"output": z}, {"output": z}, {"image": torch.zeros(2, 3, 8, 8)})
-        with pytest.raises(TypeError, match="integer class indices"):
+        with pytest.raises(TypeError, match="integer class labels"):
             PixelKD()({"output": z}, {"output": z}, {"target": torch.zeros(2, 4, 4)})
         with pytest.raises(ValueError, match=r"\(N, H_label, W_label\) with N=2.*\(3, 4, 4\)"):
             PixelKD()({"output": z}, {"output": z}, {"target": torch.zeros(3, 4, 4, dtype=torch.int64)})

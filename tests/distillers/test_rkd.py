@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lightningkd.distillers.rkd import RKD
-from lightningkd.functional.rkd import rkd_angle_loss, rkd_distance_loss, rkd_loss
+from lightningkd.functional.rkd import rkd_angle_loss, rkd_distance_loss, rkd_loss, rkd_terms
 from tests.distiller_tester import DistillerTester, parity_cases, tensor
 
 
@@ -60,8 +60,23 @@ class TestRKD(DistillerTester):
         "init_args: {student_layer: avgpool, teacher_layer: avgpool, distance_weight: 25.0, angle_weight: 50.0}"
     )
 
+    term_names = ("distance", "angle")
+
     def make(self) -> RKD:
         return RKD(student_layer="avgpool", teacher_layer="layer4")
+
+    def twin(self, distiller, student, teacher, batch):
+        return rkd_loss(
+            student["avgpool"], teacher["layer4"], distiller.distance_weight, distiller.angle_weight
+        )
+
+    def resized_inputs(self):
+        # un-pooled maps of different sizes: both are global-average-pooled
+        return (
+            {"avgpool": torch.randn(8, 16, 3, 3, requires_grad=True)},
+            {"layer4": torch.randn(8, 32, 2, 2)},
+            None,
+        )
 
     def inputs(self):
         return (
@@ -80,6 +95,12 @@ class TestRKD(DistillerTester):
             {"s": torch.tensor(S)}, {"t": torch.tensor(T)}
         )
         assert got.item() == pytest.approx(2.0 * distance + 3.0 * angle, rel=1e-5)
+        terms = RKD(student_layer="s", teacher_layer="t", distance_weight=2.0, angle_weight=3.0).terms(
+            {"s": s64}, {"t": t64}
+        )
+        assert terms["distance"].item() == pytest.approx(2.0 * distance, rel=1e-12)
+        assert terms["angle"].item() == pytest.approx(3.0 * angle, rel=1e-12)
+        assert [v.item() for v in rkd_terms(s64, t64)] == pytest.approx([distance, angle], rel=1e-12)
 
     @pytest.mark.parametrize("case", parity_cases("rkd"), ids=lambda c: c["name"])
     def test_parity_with_official_code(self, case) -> None:
@@ -123,7 +144,7 @@ class TestRKD(DistillerTester):
             RKD()  # the layers must be named
         with pytest.raises(ValueError, match="distance_weight"):
             RKD(student_layer="a", teacher_layer="b", distance_weight=-1.0)
-        with pytest.raises(ValueError, match="angle_weight must be >= 0"):
+        with pytest.raises(ValueError, match="angle_weight must be a number >= 0"):
             rkd_loss(torch.zeros(3, 2), torch.zeros(3, 2), angle_weight=-1.0)
         with pytest.raises(ValueError, match=r"student embeddings \(4, 8\) and teacher embeddings \(3, 8\)"):
             rkd_loss(torch.zeros(4, 8), torch.zeros(3, 8))

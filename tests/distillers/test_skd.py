@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from lightningkd.distillers.skd import SKD, PairwiseSimilarityKD
 from lightningkd.functional.skd import skd_loss
-from tests.distiller_tester import DistillerTester, parity_cases, tensor
+from tests.distiller_tester import DistillerTester, parity_cases, parse_distiller, tensor
 
 
 def nodes_by_hand(img: list, kh: int, kw: int) -> list[list[float]]:
@@ -53,6 +53,12 @@ class TestPairwiseSimilarityKD(DistillerTester):
 
     def make(self) -> PairwiseSimilarityKD:
         return PairwiseSimilarityKD(student_layer="s", teacher_layer="t")
+
+    def twin(self, distiller, student, teacher, batch):
+        return skd_loss(student["s"], teacher["t"], distiller.pooling, distiller.pool_scale)
+
+    def resized_inputs(self):
+        return ({"s": torch.randn(2, 8, 6, 8, requires_grad=True)}, {"t": torch.randn(2, 16, 12, 16)}, None)
 
     def inputs(self):
         # the channel counts differ: only similarities are compared
@@ -159,3 +165,11 @@ class TestPairwiseSimilarityKD(DistillerTester):
             PairwiseSimilarityKD(**kwargs)({"s": torch.zeros(2, 3)}, {"t": torch.zeros(2, 3, 4, 4)})
         with pytest.raises(KeyError, match="tapped"):
             PairwiseSimilarityKD(**kwargs)({"s": torch.zeros(2, 3, 4, 4)}, {"x": torch.zeros(2, 3, 4, 4)})
+
+    def test_yaml_pooling_typo_fails_at_parse_time(self) -> None:
+        spec = {
+            "class_path": "lightningkd.distillers.SKD",
+            "init_args": {"student_layer": "s", "teacher_layer": "t", "pooling": "fixed_2X2"},
+        }
+        with pytest.raises(Exception, match=r"(?s)pooling.*Got value: fixed_2X2"):
+            parse_distiller(spec)
