@@ -15,32 +15,65 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from collections.abc import Sequence
+from typing import Any
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 import yaml  # noqa: E402
-from jsonargparse import ArgumentParser  # noqa: E402
+from jsonargparse import ArgumentError, ArgumentParser  # noqa: E402
 from lightning.pytorch import LightningDataModule  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
+from lightningkd.callbacks import InterruptCheckpoint, NoOverwrite  # noqa: E402
 from lightningkd.export import export_student  # noqa: E402
 from lightningkd.models import MMSegSegmenter, TorchvisionSegmenter, classifier  # noqa: E402
 from lightningkd.modules.base import DistillationModule  # noqa: E402
 from lightningkd.taps import describe_layers  # noqa: E402
 
 
+class DistillationCLI(LightningCLI):
+    """LightningCLI for the recipes, with the fault handling every lightningkd run gets.
+
+    Every run has :class:`~lightningkd.callbacks.InterruptCheckpoint` (SIGTERM/SIGINT write a resumable
+    checkpoint and exit non-zero) and :class:`~lightningkd.callbacks.NoOverwrite` (a run does not replace
+    an earlier run's checkpoints unless ``--overwrite true``).
+    """
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_argument(
+            "--overwrite",
+            type=bool,
+            default=False,
+            help="let this run replace checkpoint files of an earlier run (fixed ModelCheckpoint names)",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        self._overwrite = bool(config.get("overwrite", False))
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        trainer = super().instantiate_trainer(**kwargs)
+        for callback in trainer.callbacks:
+            if isinstance(callback, NoOverwrite):
+                callback.overwrite = getattr(self, "_overwrite", False)
+        return trainer
+
+
 def lightning_cli(args: Sequence[str] | None = None, run: bool = True) -> LightningCLI:
     """Build the LightningCLI that runs the recipes (``args=None`` reads ``sys.argv``)."""
-    return LightningCLI(
+    return DistillationCLI(
         DistillationModule,
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         auto_configure_optimizers=False,  # the modules take optimizer/lr_scheduler callables
-        save_config_kwargs={"overwrite": True},  # a second run in the same folder must not fail
+        save_config_kwargs={"overwrite": True},  # the config file of a run's own (versioned) log folder
+        trainer_defaults={"callbacks": [InterruptCheckpoint(), NoOverwrite()]},  # always present
+        parser_kwargs={"exit_on_error": False},  # errors reach main(), which prints them without the usage
         args=None if args is None else list(args),
         run=run,
     )
@@ -74,14 +107,33 @@ def _layers(argv: Sequence[str]) -> None:
             model = TorchvisionSegmenter(ns.model, num_classes=ns.num_classes)
         else:
             model = classifier(ns.model, num_classes=ns.num_classes, small_input=ns.small_input)
-        print(describe_layers(model.eval(), example))
+        print(_describe(model.eval(), example, ns.model or ns.mmseg))
         return
     module = _model_from_configs(ns.config)
     for who in ("student", "teacher"):
         model = getattr(module, who)
         if model is not None:
             print(f"== {who}: {type(model).__name__}")
-            print(describe_layers(model, example))
+            print(_describe(model, example, who))
+
+
+def _describe(model: torch.nn.Module, example: torch.Tensor | None, name: str) -> str:
+    """``describe_layers`` with an input-size error that names the expected channels."""
+    if example is None:
+        return describe_layers(model)
+    first = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    if first is not None and first.in_channels != example.shape[1]:
+        raise ValueError(
+            f"--input_size gives {example.shape[1]} channel(s), but the first convolution of {name} expects "
+            f"{first.in_channels}: use --input_size {first.in_channels} {example.shape[2]} {example.shape[3]}."
+        )
+    try:
+        return describe_layers(model, example)
+    except (RuntimeError, AssertionError, ValueError) as err:  # conv shape errors, timm's size asserts
+        raise ValueError(
+            f"{name} cannot run on an input of shape {tuple(example.shape)} (--input_size "
+            f"{' '.join(map(str, example.shape[1:]))}): {str(err).rstrip('.')}. Give the C H W the model was built for."
+        ) from None
 
 
 def _model_from_configs(paths: Sequence[str]) -> DistillationModule:
@@ -117,24 +169,91 @@ def _export(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="lightningkd export",
         description="Write the student's weights from a lightningkd checkpoint; the file loads with "
-        "strict=True into the bare student model.",
+        "strict=True into the bare student model. Never writes over the input or over a Lightning checkpoint.",
     )
     parser.add_argument("checkpoint", help="Lightning checkpoint (.ckpt) of a lightningkd run")
-    parser.add_argument("output", help="where to write the student state_dict (.pt)")
+    parser.add_argument("output", help="the file to write the student state_dict to (.pt)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output file (never a Lightning checkpoint)",
+    )
     ns = parser.parse_args(list(argv))
-    count = export_student(ns.checkpoint, ns.output)
+    count = export_student(ns.checkpoint, ns.output, overwrite=ns.overwrite)
     print(f"wrote {count} student tensors to {ns.output}")
+
+
+TRACEBACK_VARIABLE = "LIGHTNINGKD_TRACEBACK"
+OVERVIEW = f"""lightningkd: knowledge distillation recipes on PyTorch Lightning.
+
+commands:
+  lightningkd fit|validate|test|predict --config RECIPE.yaml [--config FRAGMENT.yaml] [--key value ...]
+        run a recipe (LightningCLI; `lightningkd fit --help` lists every option). Every run saves a
+        resumable checkpoint on SIGTERM/Ctrl+C and refuses to replace an earlier run's checkpoints
+        (--overwrite true allows it).
+  lightningkd layers (--model NAME | --mmseg CONFIG | --config RECIPE.yaml) [--input_size C H W]
+        list the layer names distillers can tap, with output shapes.
+  lightningkd export CHECKPOINT.ckpt STUDENT.pt [--overwrite]
+        write the student's weights alone.
+
+errors print their root cause; add --traceback (or set {TRACEBACK_VARIABLE}=1) for the full traceback.
+"""
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``lightningkd`` console script and of ``python -m lightningkd``."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] == "layers":
-        _layers(args[1:])
-    elif args and args[0] == "export":
-        _export(args[1:])
-    else:
-        lightning_cli(None if argv is None else args)
+    full_traceback = "--traceback" in args or os.environ.get(TRACEBACK_VARIABLE, "") not in ("", "0")
+    args = [a for a in args if a != "--traceback"]
+    if not args or args[0] in ("-h", "--help"):
+        print(OVERVIEW)
+        if not args:
+            sys.exit(2)
+    try:
+        if args[0] == "layers":
+            _layers(args[1:])
+        elif args[0] == "export":
+            _export(args[1:])
+        else:
+            if argv is None:
+                sys.argv = [sys.argv[0], *args]  # without --traceback, which LightningCLI does not know
+            lightning_cli(None if argv is None else args)
+    except Exception as err:
+        if full_traceback:
+            raise
+        print(explain(err), file=sys.stderr)
+        sys.exit(1)
+
+
+def explain(err: BaseException) -> str:
+    """The root cause of ``err`` in a few lines: its type and message, and where it was raised.
+
+    A recipe that does not parse (a typo, a wrong type) gets jsonargparse's own message, which names the
+    key path, without the usage text and the dump of the given value.
+    """
+    if isinstance(err, ArgumentError):
+        kept = [line for line in str(err).splitlines() if not line.strip().startswith("Given value")]
+        command = sys.argv[1] if len(sys.argv) > 1 else "fit"
+        return "\n".join(
+            [f"error: the recipe or the command line does not parse: {kept[0]}", *kept[1:]]
+            + [f"(`lightningkd {command} --help` lists the options; add --traceback for the full traceback)"]
+        )
+    root = err
+    seen = {id(root)}
+    while True:  # follow "raise ... from" and "during handling of" links to the first exception
+        nxt = root.__cause__ or (None if root.__suppress_context__ else root.__context__)
+        if nxt is None or id(nxt) in seen:
+            break
+        seen.add(id(nxt))
+        root = nxt
+    message = str(root).strip() or repr(root)
+    lines = [f"error: {type(root).__name__}: {message}"]
+    frames = traceback.extract_tb(root.__traceback__)
+    if frames:
+        frame = frames[-1]
+        lines.append(f"  raised at {frame.filename}:{frame.lineno} in {frame.name}")
+    lines.append(f"(full traceback: add --traceback or set {TRACEBACK_VARIABLE}=1)")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -81,8 +82,9 @@ def test_export_command_writes_a_strict_student_file(tmp_path, capsys) -> None:
     main(["export", str(ckpt), str(tmp_path / "out" / "student.pt")])
     assert "student tensors" in capsys.readouterr().out
     toy_classifier(width=6).load_state_dict(torch.load(tmp_path / "out" / "student.pt"), strict=True)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(SystemExit):
         main(["export", str(tmp_path / "nope.ckpt"), str(tmp_path / "x.pt")])
+    assert "error: FileNotFoundError" in capsys.readouterr().err and not (tmp_path / "x.pt").exists()
 
 
 def test_python_dash_m_runs_the_cli() -> None:
@@ -106,3 +108,107 @@ def test_classifier_checkpoint_round_trip(tmp_path) -> None:
     torch.save(net.state_dict(), tmp_path / "w.pt")
     again = classifier("resnet18", num_classes=3, small_input=True, checkpoint=str(tmp_path / "w.pt"))
     assert torch.equal(again.conv1.weight, net.conv1.weight) and again.conv1.stride == (1, 1)
+
+
+def test_help_lists_every_command(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("fit|validate|test|predict", "lightningkd layers", "lightningkd export", "--traceback"):
+        assert command in out
+
+
+def test_layers_input_size_with_wrong_channels_names_the_expected_ones(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["layers", "--model", "resnet18", "--input_size", "1", "32", "32"])
+    expected = "gives 1 channel(s), but the first convolution of resnet18 expects 3: use --input_size 3 32 32"
+    assert expected in capsys.readouterr().err
+
+
+TINY_RECIPE = """
+seed_everything: 0
+trainer:
+  max_steps: 8
+  accelerator: cpu
+  devices: 1
+  logger: false
+  enable_progress_bar: false
+  enable_model_summary: false
+  limit_val_batches: 0
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {dirpath: ckpts, filename: tiny, enable_version_counter: false}
+model:
+  class_path: lightningkd.modules.ClassificationDistillationModule
+  init_args:
+    num_classes: 4
+    student: {class_path: tests.toys.toy_classifier, init_args: {num_classes: 4, width: 6, seed: 1}}
+    teacher: {class_path: tests.toys.toy_classifier, init_args: {num_classes: 4, width: 10, seed: 2}}
+    distillers: [{class_path: lightningkd.distillers.KD, init_args: {temperature: 2.0}}]
+data:
+  class_path: datamodules.SyntheticClassificationDataModule
+  init_args: {num_classes: 4, image_size: 8, train_size: 48, val_size: 8, batch_size: 8}
+"""
+
+
+def _lightningkd(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "lightningkd", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_command_line_faults_end_to_end(tmp_path) -> None:
+    (tmp_path / "tiny.yaml").write_text(TINY_RECIPE)
+    signal_at_3 = '{"class_path": "tests.test_faults.SendSignal", "init_args": {"signum": 15, "at_step": 3}}'
+    # SIGTERM mid-epoch: a resumable checkpoint and status 143, not 0
+    run = _lightningkd(tmp_path, "fit", "--config", "tiny.yaml", f"--trainer.callbacks+={signal_at_3}")
+    assert run.returncode == 143, run.stderr[-2000:]
+    saved = tmp_path / "ckpts" / "interrupted-step4.ckpt"
+    assert saved.is_file() and f"Resume with --ckpt_path {saved}" in run.stderr
+    # resuming finishes the run and writes the recipe's fixed-name checkpoint
+    run = _lightningkd(tmp_path, "fit", "--config", "tiny.yaml", "--ckpt_path", str(saved))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert torch.load(tmp_path / "ckpts" / "tiny.ckpt", weights_only=True)["global_step"] == 8
+    # a second run of the recipe does not replace it without --overwrite true
+    before = (tmp_path / "ckpts" / "tiny.ckpt").read_bytes()
+    run = _lightningkd(tmp_path, "fit", "--config", "tiny.yaml")
+    assert run.returncode == 1
+    assert "error: FileExistsError: ckpts/tiny.ckpt exists" in run.stderr.replace(str(tmp_path) + "/", "")
+    assert len(run.stderr.strip().splitlines()) < 12  # the root cause, not a long traceback
+    assert (tmp_path / "ckpts" / "tiny.ckpt").read_bytes() == before
+    # divergence: non-zero exit, the term and the step named, nothing overwritten
+    run = _lightningkd(
+        tmp_path, "fit", "--config", "tiny.yaml", "--overwrite", "true",
+        "--model.init_args.optimizer", '{"class_path": "torch.optim.SGD", "init_args": {"lr": 1e20}}',
+    )  # fmt: skip
+    assert run.returncode == 1 and "Non-finite loss at step 1" in run.stderr
+    assert "distiller 'kd' = nan" in run.stderr
+    assert (tmp_path / "ckpts" / "tiny.ckpt").read_bytes() == before
+    # --traceback shows the whole traceback instead
+    run = _lightningkd(tmp_path, "fit", "--config", "tiny.yaml", "--traceback")
+    assert run.returncode == 1 and "Traceback (most recent call last)" in run.stderr
+
+
+def test_recipe_errors_print_the_root_cause_first(tmp_path, capsys) -> None:
+    (tmp_path / "tiny.yaml").write_text(TINY_RECIPE)
+    (tmp_path / "bad.yaml").write_text(
+        TINY_RECIPE.replace("temperature: 2.0", "temperature: 2.0, student_layer: nope")
+    )
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(tmp_path / "bad.yaml")])
+    assert info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("error: ValueError: Unknown layer name(s) ['nope']") and len(err) == 3
+    (tmp_path / "typo.yaml").write_text(TINY_RECIPE.replace("temperature: 2.0", "temprature: 2.0"))
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(tmp_path / "typo.yaml")])
+    err = capsys.readouterr().err
+    assert err.startswith("error: the recipe or the command line does not parse") and "temprature" in err
+    assert "usage:" not in err and "Given value" not in err

@@ -1,4 +1,5 @@
 import functools
+import math
 
 import lightning as L
 import pytest
@@ -15,24 +16,21 @@ from tests.toys import toy_classifier, toy_loader
 
 def make_module(**kwargs) -> ClassificationDistillationModule:
     kwargs.setdefault("distillers", [KD(temperature=2.0)])
+    kwargs.setdefault("optimizer", functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9))
     return ClassificationDistillationModule(
-        toy_classifier(width=6, seed=1),
-        toy_classifier(width=10, seed=2),
-        num_classes=4,
-        optimizer=functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9),
-        **kwargs,
+        toy_classifier(width=6, seed=1), toy_classifier(width=10, seed=2), num_classes=4, **kwargs
     )
 
 
 def trainer(tmp_path, **kwargs) -> L.Trainer:
     kwargs.setdefault("max_steps", 3)
+    kwargs.setdefault("limit_val_batches", 1)
     return L.Trainer(
         default_root_dir=tmp_path,
         accelerator="cpu",
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        limit_val_batches=1,
         **kwargs,
     )
 
@@ -65,7 +63,7 @@ def test_optimizer_gets_student_and_adapters_only() -> None:
 
 def test_every_term_is_logged_raw_and_weighted(tmp_path) -> None:
     module = make_module(distillers=[KD(temperature=2.0, weight=0.5), KD(temperature=4.0)], task_weight=0.1)
-    t = trainer(tmp_path, max_steps=1, enable_checkpointing=False)
+    t = trainer(tmp_path, max_steps=1, enable_checkpointing=False, log_every_n_steps=1)
     t.fit(module, toy_loader())
     m = t.callback_metrics
     assert {"train/task_loss", "train/kd/kd", "train/kd/kd_1", "train/kd/kd_weighted", "train/loss"} <= set(m)
@@ -78,10 +76,10 @@ def test_teacher_metric_logged_once(tmp_path) -> None:
     module = make_module()
     t = trainer(tmp_path, max_epochs=2, max_steps=-1, enable_checkpointing=False)
     calls = []
-    original = module.teacher_features
-    module.teacher_features = lambda x: calls.append(module.training) or original(x)
+    original = module.teacher_logits
+    module.teacher_logits = lambda x, **kw: calls.append(module.training) or original(x, **kw)
     t.fit(module, toy_loader(n=8), toy_loader(n=8))
-    assert calls.count(False) == 1  # one validation batch in the first epoch only
+    assert calls == [False]  # one validation batch in the first epoch only
     assert "val/teacher_acc1" in t.callback_metrics and "val/acc1" in t.callback_metrics
 
 
@@ -89,7 +87,7 @@ def test_checkpoint_excludes_teacher_and_resume_continues(tmp_path) -> None:
     module = make_module()
     trainer(tmp_path, max_steps=2).fit(module, toy_loader(), toy_loader())
     ckpt_path = next((tmp_path / "checkpoints").glob("*.ckpt"))
-    state = torch.load(ckpt_path, weights_only=False)["state_dict"]
+    state = torch.load(ckpt_path, weights_only=True)["state_dict"]
     assert state and not any(k.startswith("teacher.") for k in state)
     assert any(k.startswith("student.") for k in state)
 
@@ -109,8 +107,25 @@ def test_resume_with_wrong_student_fails_loudly(tmp_path) -> None:
     other = ClassificationDistillationModule(
         toy_classifier(width=7), toy_classifier(width=10), [KD()], num_classes=4
     )
-    with pytest.raises(RuntimeError, match="size mismatch"):
+    with pytest.raises(
+        RuntimeError, match=r"(?s)the student architecture changed \(student\).*shape differs"
+    ):
         trainer(tmp_path, max_steps=2).fit(other, toy_loader(), ckpt_path=ckpt_path)
+
+
+def test_resume_with_added_adapters_names_the_distillers(tmp_path) -> None:
+    from lightningkd.distillers import FitNet
+
+    trainer(tmp_path, max_steps=1).fit(make_module(), toy_loader())
+    ckpt_path = next((tmp_path / "checkpoints").glob("*.ckpt"))
+    fitnet = FitNet(student_layer="block", teacher_layer="block", student_channels=6, teacher_channels=10)
+    other = make_module(distillers=[KD(temperature=2.0), fitnet])
+    with pytest.raises(RuntimeError) as info:
+        trainer(tmp_path, max_steps=2).fit(other, toy_loader(), ckpt_path=ckpt_path)
+    message = str(info.value)
+    assert "the distillers changed (distillers):" in message and "missing" in message
+    assert "fitnet.regressor: 6 missing" in message and "student architecture" not in message
+    assert "Resume with the recipe that wrote it" in message
 
 
 def test_export_loads_strictly_into_bare_student(tmp_path) -> None:
@@ -212,3 +227,18 @@ def test_label_smoothing_matches_the_definition() -> None:
     torch.testing.assert_close(module.task_loss(logits, {"target": target}), expected)
     with pytest.raises(ValueError, match="label_smoothing"):
         ClassificationDistillationModule(toy_classifier(), None, num_classes=3, label_smoothing=1.0)
+
+
+def test_validation_loss_is_the_cross_entropy_of_the_student(tmp_path) -> None:
+    module = make_module()
+    loader = toy_loader(n=12, batch_size=8)  # batches of 8 and 4: the logged value is the sample mean
+    metrics = trainer(tmp_path, limit_val_batches=1.0).validate(module, loader, verbose=False)[0]
+    module.student.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for images, labels in loader:
+            for logits, label in zip(module.student(images).tolist(), labels.tolist()):
+                top = max(logits)  # -log softmax at the label, in plain Python
+                total += top + math.log(sum(math.exp(v - top) for v in logits)) - logits[label]
+                count += 1
+    assert metrics["val/loss"] == pytest.approx(total / count, rel=1e-5)

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from lightning.pytorch.cli import LightningCLI
 
@@ -73,9 +74,11 @@ def test_recipe_fast_dev_run_on_synthetic_data(recipe: Path, tmp_path, monkeypat
     cli = lightning_cli(["fit", "--config", str(recipe), *synthetic_overrides(recipe)])
     assert cli.trainer.state.finished
     assert cli.trainer.global_step == 1
-    assert {"train/loss", "train/task_loss"} <= set(cli.trainer.callback_metrics)
+    metrics = cli.trainer.callback_metrics
+    assert {"train/loss", "train/task_loss"} <= set(metrics)
     for d in cli.model.distillers:
-        assert f"train/kd/{d.name}" in cli.trainer.callback_metrics
+        assert torch.isfinite(metrics[f"train/kd/{d.name}"]), d.name
+    assert torch.isfinite(metrics["train/loss"]) and torch.isfinite(metrics["train/task_loss"])
 
 
 class ParseOnlyCLI(LightningCLI):
@@ -106,3 +109,18 @@ def test_trainer_fragment_composes_with_a_recipe(fragment: Path) -> None:
             assert got["class_path"] == value["class_path"]
         else:
             assert got == value, key
+
+
+@pytest.mark.slow
+def test_cpu_ddp_fragment_runs_a_recipe(tmp_path) -> None:
+    from tests.test_cli import TINY_RECIPE, _lightningkd
+
+    (tmp_path / "tiny.yaml").write_text(TINY_RECIPE)
+    fragment = ROOT / "recipes" / "trainer" / "ddp_cpu.yaml"
+    run = _lightningkd(
+        tmp_path, "fit", "--config", "tiny.yaml", "--config", str(fragment), "--trainer.max_steps=2"
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in run.stderr
+    state = torch.load(tmp_path / "ckpts" / "tiny.ckpt", weights_only=True)
+    assert state["global_step"] == 2

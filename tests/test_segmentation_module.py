@@ -71,11 +71,14 @@ def test_auxiliary_head_adds_its_weighted_loss() -> None:
     student = Pointwise()
     module = SegmentationDistillationModule(student, num_classes=3, aux_layer="aux", aux_weight=0.4)
     images, target = torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 8, 8))
+    target[:, :3] = 255  # ignored pixels count in neither loss
     features = module.student_features(images)
     pooled = F.avg_pool2d(images, 2)
+    keep = target != 255
 
-    def ce(logits):
-        return F.cross_entropy(F.interpolate(logits, size=(8, 8), mode="bilinear"), target)
+    def ce(logits):  # by hand: mean over labelled pixels of -log softmax at the label
+        log_p = F.interpolate(logits, size=(8, 8), mode="bilinear").log_softmax(1)
+        return -log_p.gather(1, target.clamp(max=2)[:, None])[:, 0][keep].mean()
 
     expected = ce(student.head(pooled)) + 0.4 * ce(student.aux(pooled))
     got = module.task_loss_from_features(features, {"target": target})
@@ -156,6 +159,9 @@ def test_validation_logs_miou_of_student_and_teacher_once() -> None:
         assert metrics[f"val/iou/{name}"] == pytest.approx(value)
     assert metrics["val/mIoU"] == pytest.approx(sum(iou.values()) / 3)
     assert metrics["val/aAcc"] == pytest.approx(11 / 14)
+    # one-hot logits: -log softmax is log(e + 2) - 1 at a right pixel and log(e + 2) at a wrong one
+    right, wrong = math.log(math.e + 2) - 1, math.log(math.e + 2)
+    assert metrics["val/loss"] == pytest.approx((11 * right + 3 * wrong) / 14, rel=1e-6)
     assert metrics["val/teacher_mIoU"] == pytest.approx(1.0)
     assert module.teacher_validated
     again = t.validate(module, loader, verbose=False)[0]
@@ -200,7 +206,7 @@ def test_torchvision_segmenter_loads_backbone_weights(tmp_path) -> None:
 
 
 def test_preview_draws_image_labels_and_both_predictions(tmp_path) -> None:
-    from datamodules.segmentation import SyntheticSegmentationDataModule
+    from datamodules import SyntheticSegmentationDataModule
 
     data = SyntheticSegmentationDataModule(
         num_classes=3, image_size=16, train_size=4, val_size=3, batch_size=2
@@ -260,7 +266,7 @@ def test_teacher_runs_at_another_input_size() -> None:
 def test_preview_goes_to_image_loggers_and_draws_bpkd_masks(tmp_path) -> None:
     from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
-    from datamodules.segmentation import SyntheticSegmentationDataModule
+    from datamodules import SyntheticSegmentationDataModule
     from lightningkd.distillers import BPKD
 
     class ImageLogger(Logger):

@@ -29,6 +29,7 @@ def fit_a_few_steps(student, teacher, distillers, aux_layer=None) -> tuple[L.Tra
         max_epochs=1,
         limit_train_batches=3,
         limit_val_batches=2,
+        log_every_n_steps=1,
         num_sanity_val_steps=0,
         logger=False,
         enable_checkpointing=False,

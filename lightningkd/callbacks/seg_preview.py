@@ -105,10 +105,9 @@ class SegmentationPreview(L.Callback):
             _colour(targets, palette, ignore),
         ]
         if pl_module.teacher is not None:
-            teacher_batch = pl_module.teacher_input(batch) if pl_module.teacher_input is not None else batch
-            logits = pl_module.predict_logits(teacher_batch, targets.shape[-2:], model=pl_module.teacher)
+            logits = pl_module.teacher_logits(batch, size=targets.shape[-2:])
             columns.append(_colour(logits.argmax(1).cpu(), palette, ignore))
-        logits = pl_module.predict_logits(batch, targets.shape[-2:])
+        logits = pl_module.predict_logits(batch, size=targets.shape[-2:])
         columns.append(_colour(logits.argmax(1).cpu(), palette, ignore))
         for distiller in pl_module.distillers:
             if hasattr(distiller, "masks"):

@@ -53,4 +53,5 @@ class KDWeightWarmup(L.Callback):
         for d in pl_module.distillers:
             if self.names is None or d.name in self.names:
                 d.scale = value
-        pl_module.log("train/kd_warmup", value, on_step=True, on_epoch=False)
+        if pl_module.log_due():  # at the logging interval, like the loss terms
+            pl_module.log("train/kd_warmup", value, on_step=True, on_epoch=False)

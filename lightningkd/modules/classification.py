@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightningkd.distillers.base import Distiller
-from lightningkd.modules.base import DistillationModule, _default_optimizer, model_logits
+from lightningkd.modules.base import DistillationModule, default_optimizer, model_logits
 
 
 class ClassificationDistillationModule(DistillationModule):
@@ -27,7 +27,8 @@ class ClassificationDistillationModule(DistillationModule):
         distillers: see :class:`~lightningkd.modules.base.DistillationModule`.
         num_classes: number of classes, for the metrics.
         label_smoothing: cross-entropy label smoothing (0 disables it).
-        task_weight, optimizer, lr_scheduler, lr_scheduler_interval, teacher_input, channels_last:
+        task_weight, optimizer, lr_scheduler, lr_scheduler_interval, teacher_input, channels_last,
+            on_nonfinite:
             see :class:`~lightningkd.modules.base.DistillationModule`.
 
     Example:
@@ -47,11 +48,12 @@ class ClassificationDistillationModule(DistillationModule):
         num_classes: int = 1000,
         label_smoothing: float = 0.0,
         task_weight: float = 1.0,
-        optimizer: OptimizerCallable = _default_optimizer,
+        optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
-        lr_scheduler_interval: str = "epoch",
+        lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
         teacher_input: nn.Module | None = None,
         channels_last: bool = False,
+        on_nonfinite: Literal["stop", "skip"] = "stop",
     ) -> None:
         super().__init__(
             student,
@@ -63,6 +65,7 @@ class ClassificationDistillationModule(DistillationModule):
             lr_scheduler_interval=lr_scheduler_interval,
             teacher_input=teacher_input,
             channels_last=channels_last,
+            on_nonfinite=on_nonfinite,
         )
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}.")
@@ -98,8 +101,9 @@ class ClassificationDistillationModule(DistillationModule):
 
     def _evaluate(self, batch: Any, stage: str) -> None:
         batch = self.unpack_batch(batch)
-        images, target = self.prepare_images(batch["image"]), batch["target"]
-        logits = model_logits(self.student(images))
+        images, target = batch["image"], batch["target"]
+        self.check_labels(target, f"in a {stage} batch")
+        logits = self.predict_logits(images)
         size = images.shape[0]
         self.log(f"{stage}/loss", F.cross_entropy(logits, target), batch_size=size, sync_dist=True)
         for k in (1, self.top_k):
@@ -107,15 +111,11 @@ class ClassificationDistillationModule(DistillationModule):
             metric(logits, target)
             self.log(f"{stage}/acc{k}", metric, prog_bar=(k == 1), batch_size=size)
         if self.teacher_due(stage):
-            teacher_logits = model_logits(self.teacher_features(images)["output"])
+            teacher_logits = self.teacher_logits(images)
             for k in (1, self.top_k):
                 metric = getattr(self, f"{stage}_teacher_acc{k}")
                 metric(teacher_logits, target)
                 self.log(f"{stage}/teacher_acc{k}", metric, batch_size=size)
-
-    def on_validation_epoch_end(self) -> None:
-        if self.teacher is not None and not self.trainer.sanity_checking:
-            self.teacher_validated = True
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluate(batch, "val")

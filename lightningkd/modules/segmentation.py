@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -12,8 +12,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from lightningkd.distillers.base import OUTPUT, Distiller, Features
-from lightningkd.modules.base import DistillationModule, _default_optimizer, model_logits
+from lightningkd.distillers.base import Distiller
+from lightningkd.modules.base import DistillationModule, default_optimizer, model_logits
+from lightningkd.taps import OUTPUT, Features
 
 
 class SegmentationDistillationModule(DistillationModule):
@@ -52,8 +53,8 @@ class SegmentationDistillationModule(DistillationModule):
         eval_scale: factor applied to the image size before inference (1.0: as loaded).
         class_names: names for the per-class IoU logs; taken from the datamodule's ``classes`` when
             omitted.
-        task_weight, optimizer, lr_scheduler, lr_scheduler_interval, teacher_input, channels_last:
-            see :class:`~lightningkd.modules.base.DistillationModule`.
+        task_weight, optimizer, lr_scheduler, lr_scheduler_interval, teacher_input, channels_last,
+            on_nonfinite: see :class:`~lightningkd.modules.base.DistillationModule`.
 
     Example:
         >>> import torch.nn as nn
@@ -73,17 +74,18 @@ class SegmentationDistillationModule(DistillationModule):
         ignore_index: int = 255,
         aux_layer: str | list[str] | None = None,
         aux_weight: float = 0.4,
-        inference: str = "whole",
+        inference: Literal["whole", "slide"] = "whole",
         crop_size: tuple[int, int] | None = None,
         stride: tuple[int, int] | None = None,
         eval_scale: float = 1.0,
         class_names: list[str] | None = None,
         task_weight: float = 1.0,
-        optimizer: OptimizerCallable = _default_optimizer,
+        optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
-        lr_scheduler_interval: str = "epoch",
+        lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
         teacher_input: nn.Module | None = None,
         channels_last: bool = False,
+        on_nonfinite: Literal["stop", "skip"] = "stop",
     ) -> None:
         super().__init__(
             student,
@@ -95,6 +97,7 @@ class SegmentationDistillationModule(DistillationModule):
             lr_scheduler_interval=lr_scheduler_interval,
             teacher_input=teacher_input,
             channels_last=channels_last,
+            on_nonfinite=on_nonfinite,
             extra_student_layers=_names(aux_layer),
         )
         if num_classes < 2:
@@ -132,6 +135,7 @@ class SegmentationDistillationModule(DistillationModule):
                 )
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         if self.class_names is None:
             names = getattr(getattr(self.trainer, "datamodule", None), "classes", None)
             if names is not None and len(names) == self.num_classes:
@@ -171,7 +175,7 @@ class SegmentationDistillationModule(DistillationModule):
 
     # ---- inference ----------------------------------------------------------------------------------
     def predict_logits(
-        self, images: Tensor, size: Sequence[int] | None = None, model: nn.Module | None = None
+        self, images: Tensor, model: nn.Module | None = None, size: Sequence[int] | None = None
     ) -> Tensor:
         """Logits of ``model`` (the student by default) for ``images``, resized to ``size``.
 
@@ -214,17 +218,17 @@ class SegmentationDistillationModule(DistillationModule):
     def _evaluate(self, batch: Any, stage: str) -> None:
         batch = self.unpack_batch(batch)
         images, target = batch["image"], batch["target"]
+        self.check_labels(target, f"in a {stage} batch")
         size = images.shape[0]
-        logits = self.predict_logits(images, target.shape[-2:])
+        logits = self.predict_logits(images, size=target.shape[-2:])
         loss = F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index)
         self.log(f"{stage}/loss", loss, batch_size=size, sync_dist=True)
         getattr(self, f"{stage}_student_confusion").update(logits.argmax(1), target)
         if self.teacher_due(stage):
-            teacher_images = self.teacher_input(images) if self.teacher_input is not None else images
-            teacher_logits = self.predict_logits(teacher_images, target.shape[-2:], model=self.teacher)
+            teacher_logits = self.teacher_logits(images, size=target.shape[-2:])
             getattr(self, f"{stage}_teacher_confusion").update(teacher_logits.argmax(1), target)
 
-    def _log_epoch(self, stage: str) -> None:
+    def log_epoch_metrics(self, stage: str) -> None:
         student = getattr(self, f"{stage}_student_confusion")
         if self.trainer.sanity_checking:
             student.reset()
@@ -232,8 +236,6 @@ class SegmentationDistillationModule(DistillationModule):
         self._log_scores(student, stage, per_class=True)
         if self.teacher_due(stage):
             self._log_scores(getattr(self, f"{stage}_teacher_confusion"), f"{stage}/teacher", per_class=False)
-            if stage == "val":
-                self.teacher_validated = True
 
     def _log_scores(self, confusion: MulticlassConfusionMatrix, prefix: str, per_class: bool) -> None:
         scores = segmentation_scores(confusion.compute())
@@ -254,14 +256,8 @@ class SegmentationDistillationModule(DistillationModule):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluate(batch, "val")
 
-    def on_validation_epoch_end(self) -> None:
-        self._log_epoch("val")
-
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluate(batch, "test")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_epoch("test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         images = self.batch_images(batch)
