@@ -208,6 +208,49 @@ def load_checkpoint_file(path: str | os.PathLike) -> Any:
         4.0
     """
     path = os.fspath(path)
+    zipped = check_checkpoint_file(path)
+    if path.endswith(".safetensors"):
+        return _load_safetensors(path)
+    with open(path, "rb") as file:
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            if not zipped:
+                raise _legacy_refusal(path, err) from None
+        except Exception as err:  # torch's zip reader raises RuntimeError, EOFError ...
+            raise CheckpointError(
+                f"Checkpoint {path!r} is damaged or incomplete and cannot be read ({type(err).__name__}: "
+                f"{_first_line(err)}). Copy or save it again."
+            ) from None
+        file.seek(0)
+        return _load_with_metadata(path, file)
+
+
+def check_checkpoint_file(path: str | os.PathLike) -> bool:
+    """Check, without reading its content, that ``path`` can be a complete PyTorch checkpoint.
+
+    Looks at the file's size, its first bytes and (for the zip format of ``torch.save``) the archive's
+    index at its end, so a truncated download, an empty file, a text file or a folder is named before a
+    loader fails on it with a raw zip or unpickling error. Lightning's ``--ckpt_path`` goes through it in
+    the ``lightningkd`` command.
+
+    Returns:
+        ``True`` for the zip format (torch >= 1.6), ``False`` for the legacy pickle format and safetensors.
+
+    Raises:
+        FileNotFoundError, IsADirectoryError, CheckpointError: as :func:`load_checkpoint_file`.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.NamedTemporaryFile("w", suffix=".ckpt") as f:
+        ...     _ = f.write("model: resnet18")
+        ...     f.flush()
+        ...     check_checkpoint_file(f.name)
+        Traceback (most recent call last):
+        ...
+        lightningkd.checkpoint_io.CheckpointError: Checkpoint '...' is a text file (it starts with 'model: resnet18'), not a PyTorch checkpoint. Point at the .ckpt / .pth / .pt file written by torch.save.
+    """
+    path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"Checkpoint {path!r} does not exist.")
     if os.path.isdir(path):
@@ -221,21 +264,9 @@ def load_checkpoint_file(path: str | os.PathLike) -> Any:
             "Copy or save it again."
         )
     if path.endswith(".safetensors"):
-        return _load_safetensors(path)
+        return False
     with open(path, "rb") as file:
-        zipped = _check_format(path, file)
-        try:
-            return torch.load(file, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            if not zipped:
-                raise _legacy_refusal(path, err) from None
-        except Exception as err:  # torch's zip reader raises RuntimeError, EOFError ...
-            raise CheckpointError(
-                f"Checkpoint {path!r} is damaged or incomplete and cannot be read ({type(err).__name__}: "
-                f"{_first_line(err)}). Copy or save it again."
-            ) from None
-        file.seek(0)
-        return _load_with_metadata(path, file)
+        return _check_format(path, file)
 
 
 def _load_safetensors(path: str) -> Any:

@@ -29,6 +29,7 @@ from lightning.pytorch import LightningDataModule  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from lightningkd.callbacks import InterruptCheckpoint, NoOverwrite  # noqa: E402
+from lightningkd.checkpoint_io import check_checkpoint_file  # noqa: E402
 from lightningkd.export import export_student  # noqa: E402
 from lightningkd.models import MMSegSegmenter, TorchvisionSegmenter, classifier  # noqa: E402
 from lightningkd.modules.base import DistillationModule  # noqa: E402
@@ -50,6 +51,14 @@ class DistillationCLI(LightningCLI):
             default=False,
             help="let this run replace checkpoint files of an earlier run (fixed ModelCheckpoint names)",
         )
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads --ckpt_path here, before anything else: name a truncated or wrong file first
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and str(ckpt_path) not in ("last", "best", "hpc") and "://" not in str(ckpt_path):
+            check_checkpoint_file(ckpt_path)
+        super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

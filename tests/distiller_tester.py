@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from pathlib import Path
@@ -144,11 +145,28 @@ class DistillerTester:
         assert got.item() == pytest.approx(expected.item(), rel=1e-6, abs=1e-12)
 
     def test_builds_from_yaml(self) -> None:
+        spec = yaml.safe_load(self.yaml_config)
         parser = ArgumentParser()
         parser.add_argument("--distiller", type=Distiller)
-        cfg = parser.parse_object({"distiller": yaml.safe_load(self.yaml_config)})
-        built = parser.instantiate_classes(cfg).distiller
+        built = parser.instantiate_classes(parser.parse_object({"distiller": spec})).distiller
         assert isinstance(built, type(self.make()))
+        # the init args were applied: the YAML moves some away from their defaults, and every one that
+        # the distiller keeps as an attribute (``x`` or, for layer names, ``xs``) holds the YAML's value
+        init_args = spec.get("init_args", {})
+        defaults = {k: p.default for k, p in inspect.signature(type(built)).parameters.items()}
+        assert any(value != defaults.get(key) for key, value in init_args.items()), "YAML sets only defaults"
+        checked = []
+        for key, value in init_args.items():
+            if hasattr(built, key) and not callable(getattr(built, key)):
+                got = getattr(built, key)
+                assert (list(got) if isinstance(got, tuple) else got) == value, key
+                checked.append(key)
+            elif isinstance(getattr(built, key + "s", None), tuple):
+                assert value in getattr(built, key + "s"), key
+                checked.append(key)
+        assert checked, f"none of {sorted(init_args)} is visible on the built distiller"
+        # and the object is the one Python builds from the same arguments
+        assert built.extra_repr() == type(built)(**init_args).extra_repr()
 
     def test_yaml_typo_fails(self) -> None:
         spec = yaml.safe_load(self.yaml_config)

@@ -1,4 +1,5 @@
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -151,6 +152,16 @@ data:
 """
 
 
+class RunsCommand:
+    """Unpickling it would run a shell command (what a malicious checkpoint does)."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
 def _lightningkd(tmp_path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.run(
@@ -191,6 +202,20 @@ def test_command_line_faults_end_to_end(tmp_path) -> None:
     assert run.returncode == 1 and "Non-finite loss at step 1" in run.stderr
     assert "distiller 'kd' = nan" in run.stderr
     assert (tmp_path / "ckpts" / "tiny.ckpt").read_bytes() == before
+    # a truncated checkpoint as --ckpt_path is named, not a raw zip error
+    (tmp_path / "half.ckpt").write_bytes(before[: len(before) // 2])
+    run = _lightningkd(tmp_path, "fit", "--config", "tiny.yaml", "--ckpt_path", "half.ckpt")
+    assert (
+        run.returncode == 1 and "error: CheckpointError: Checkpoint 'half.ckpt' is incomplete" in run.stderr
+    )
+    # a teacher checkpoint that would run a command when unpickled is refused, and the command never runs
+    (tmp_path / "evil.ckpt").write_bytes(pickle.dumps(RunsCommand(f"touch {tmp_path / 'ran'}"), protocol=2))
+    run = _lightningkd(
+        tmp_path, "fit", "--config", "tiny.yaml", "--overwrite", "true",
+        "--model.init_args.teacher.init_args.checkpoint", "evil.ckpt",
+    )  # fmt: skip
+    assert run.returncode == 1 and "UnsafeCheckpointError" in run.stderr and "system" in run.stderr
+    assert not (tmp_path / "ran").exists()
     # --traceback shows the whole traceback instead
     run = _lightningkd(tmp_path, "fit", "--config", "tiny.yaml", "--traceback")
     assert run.returncode == 1 and "Traceback (most recent call last)" in run.stderr

@@ -8,11 +8,18 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightningkd.models import load_weights
 
-def toy_classifier(num_classes: int = 4, width: int = 8, seed: int = 0) -> nn.Module:
-    """conv-bn-relu ("stem") -> conv ("block") -> global pool ("pool") -> linear ("fc")."""
+
+def toy_classifier(
+    num_classes: int = 4, width: int = 8, seed: int = 0, checkpoint: str | None = None
+) -> nn.Module:
+    """conv-bn-relu ("stem") -> conv ("block") -> global pool ("pool") -> linear ("fc").
+
+    ``checkpoint`` loads weights as the library's model builders do (``lightningkd.models.load_weights``).
+    """
     torch.manual_seed(seed)
-    return nn.Sequential(
+    model = nn.Sequential(
         OrderedDict(
             stem=nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()),
             block=nn.Sequential(nn.Conv2d(width, width, 3, padding=1, stride=2), nn.ReLU()),
@@ -21,6 +28,7 @@ def toy_classifier(num_classes: int = 4, width: int = 8, seed: int = 0) -> nn.Mo
             fc=nn.Linear(width, num_classes),
         )
     )
+    return model if checkpoint is None else load_weights(model, checkpoint)
 
 
 def toy_loader(

@@ -18,7 +18,7 @@ def pixel_rows(z: torch.Tensor) -> list[list[float]]:
 
 class TestDISTSegmentation(DistillerTester):
     yaml_config = (
-        "class_path: lightningkd.distillers.dist.DIST\ninit_args: {beta: 1.0, gamma: 1.0, temperature: 1.0}"
+        "class_path: lightningkd.distillers.dist.DIST\ninit_args: {beta: 1.0, gamma: 2.0, temperature: 1.0}"
     )
 
     term_names = ("inter", "intra")

@@ -80,7 +80,7 @@ def _t(data, dtype=torch.float32):
 class TestDKD(DistillerTester):
     yaml_config = (
         "class_path: lightningkd.distillers.dkd.DKD\n"
-        "init_args: {alpha: 1.0, beta: 8.0, temperature: 4.0, weight: 1.0}"
+        "init_args: {alpha: 1.0, beta: 2.0, temperature: 4.0, weight: 1.0}"
     )
 
     term_names = ("tckd", "nckd")

@@ -39,7 +39,7 @@ def pixel_kd_by_hand(zs: list, zt: list, T: float, labels: list | None = None, i
 class TestPixelKD(DistillerTester):
     yaml_config = (
         "class_path: lightningkd.distillers.pixel_kd.PixelKD\n"
-        "init_args: {temperature: 1.0, ignore_index: 255, weight: 1.0}"
+        "init_args: {temperature: 1.0, ignore_index: 11, weight: 1.0}"
     )
 
     def make(self) -> PixelKD:
