@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightningkd.checkpoint_io import describe_key_mismatch
-from lightningkd.distillers.base import Distiller
+from lightningkd.distillers.base import Distiller, sum_terms
 from lightningkd.taps import OUTPUT, Features, FeatureTap
 
 TEACHER_PREFIX = "teacher."
@@ -290,7 +290,7 @@ class DistillationModule(L.LightningModule, abc.ABC):
             teacher = self.teacher_features(images)
             for d in self.distillers:
                 terms = d.terms(student, teacher, batch)
-                raw = sum(terms.values()) if len(terms) > 1 else next(iter(terms.values()))
+                raw = sum_terms(terms)
                 parts.append((d, terms, raw))
                 total = total + (d.weight * d.scale) * raw
 
