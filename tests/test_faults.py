@@ -137,6 +137,15 @@ class CountSteps(L.Callback):
 
 @pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_saves_a_resumable_checkpoint_and_exits_non_zero(tmp_path, signum, status) -> None:
+    # as in an interactive shell (a background job starts with SIGINT ignored, and keeps ignoring it)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _interrupt_and_resume(tmp_path, signum, status)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _interrupt_and_resume(tmp_path, signum: int, status: int) -> None:
     module = make_module()
     saver = InterruptCheckpoint(dirpath=str(tmp_path / "ckpt"))
     t = trainer(tmp_path, max_steps=8, callbacks=[SendSignal(signum, at_step=3), saver], limit_val_batches=0)
@@ -155,6 +164,24 @@ def test_signal_saves_a_resumable_checkpoint_and_exits_non_zero(tmp_path, signum
     assert counter.steps == [5, 6, 7, 8] and t2.global_step == 8  # continues at the next step
     # the resumed weights are the interrupted run's weights plus four steps: step 5 starts from them
     assert not torch.equal(resumed.student.fc.weight, make_module().student.fc.weight)
+
+
+def test_ignored_sigint_stays_ignored(tmp_path) -> None:
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as under nohup
+    try:
+        seen = []
+
+        class Probe(L.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+                seen.append(signal.getsignal(signal.SIGINT))
+
+        t = trainer(
+            tmp_path, max_steps=2, callbacks=[InterruptCheckpoint(), Probe()], enable_checkpointing=False
+        )
+        t.fit(make_module(), toy_loader())
+        assert seen == [signal.SIG_IGN, signal.SIG_IGN]
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # ------------------------------------------------------------------------------------------ overwrite

@@ -22,7 +22,8 @@ class InterruptCheckpoint(L.Callback):
     - SIGTERM: the current batch finishes, a checkpoint is written, and the process exits with status 143
       (128 + 15, the shell's convention for "killed by SIGTERM").
     - SIGINT (Ctrl+C): handled like SIGTERM (finish the batch, checkpoint, status 130); a second Ctrl+C
-      stops at once, without a checkpoint (the weights may then be half-updated).
+      stops at once, without a checkpoint (the weights may then be half-updated). A process started with
+      SIGINT ignored (``nohup``, a background job) keeps ignoring it.
 
     The checkpoint is ``interrupted-step<global step>.ckpt`` (an existing file is never replaced: a ``-v1``
     suffix is added) in ``dirpath``, by default the folder of the first ``ModelCheckpoint``, else
@@ -51,8 +52,11 @@ class InterruptCheckpoint(L.Callback):
         # after Lightning registered its own signal handlers (it restores the ones it found at teardown)
         self._trainer = trainer
         self._signal = None
-        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-            self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+        # signal handlers live in the main thread; a process started with SIGINT ignored (nohup, a
+        # background job) keeps ignoring it
+        if threading.current_thread() is threading.main_thread():
+            if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+                self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         if self._signal is not None or self._trainer is None:
