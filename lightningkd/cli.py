@@ -60,15 +60,12 @@ class DistillationCLI(LightningCLI):
             check_checkpoint_file(ckpt_path)
         super()._parse_ckpt_path()
 
-    def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        self._overwrite = bool(config.get("overwrite", False))
-
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         trainer = super().instantiate_trainer(**kwargs)
+        config = self.config[self.subcommand] if self.subcommand else self.config
         for callback in trainer.callbacks:
             if isinstance(callback, NoOverwrite):
-                callback.overwrite = getattr(self, "_overwrite", False)
+                callback.overwrite = bool(config.get("overwrite", False))
         return trainer
 
 
@@ -230,11 +227,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except Exception as err:
         if full_traceback:
             raise
-        print(explain(err), file=sys.stderr)
+        print(explain(err, args[0]), file=sys.stderr)
         sys.exit(1)
 
 
-def explain(err: BaseException) -> str:
+def explain(err: BaseException, command: str = "fit") -> str:
     """The root cause of ``err`` in a few lines: its type and message, and where it was raised.
 
     A recipe that does not parse (a typo, a wrong type) gets jsonargparse's own message, which names the
@@ -242,7 +239,6 @@ def explain(err: BaseException) -> str:
     """
     if isinstance(err, ArgumentError):
         kept = [line for line in str(err).splitlines() if not line.strip().startswith("Given value")]
-        command = sys.argv[1] if len(sys.argv) > 1 else "fit"
         return "\n".join(
             [f"error: the recipe or the command line does not parse: {kept[0]}", *kept[1:]]
             + [f"(`lightningkd {command} --help` lists the options; add --traceback for the full traceback)"]

@@ -22,8 +22,8 @@ def export_student(
     """Write the student's ``state_dict`` from a lightningkd Lightning checkpoint to ``output``.
 
     The teacher and the distillers' adapters are left out, and the ``student.`` prefix is removed, so
-    ``student.load_state_dict(torch.load(output), strict=True)`` works on the plain model. The input is
-    read without running code (:func:`lightningkd.checkpoint_io.load_checkpoint_file`), and the output is
+    ``student.load_state_dict(torch.load(output, weights_only=True), strict=True)`` works on the plain
+    model. The input is read without running code (:func:`lightningkd.checkpoint_io.load_checkpoint_file`), and the output is
     written to a temporary file renamed into place, so a failed export leaves no partial file.
 
     Args:
@@ -49,7 +49,7 @@ def export_student(
         >>> with tempfile.TemporaryDirectory() as d:
         ...     state = {"student.fc.weight": torch.ones(2, 2), "distillers.0.proj.weight": torch.ones(2)}
         ...     torch.save({"state_dict": state, "pytorch-lightning_version": "2.6"}, d + "/last.ckpt")
-        ...     export_student(d + "/last.ckpt", d + "/student.pt"), list(torch.load(d + "/student.pt"))
+        ...     export_student(d + "/last.ckpt", d + "/student.pt"), list(torch.load(d + "/student.pt", weights_only=True))
         (1, ['fc.weight'])
     """
     checkpoint, output = os.fspath(checkpoint), os.fspath(output)

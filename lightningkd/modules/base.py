@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import lightning as L
@@ -433,7 +433,7 @@ class DistillationModule(L.LightningModule, abc.ABC):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(TEACHER_PREFIX)]:
             del state[key]
-        broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        broken = _non_finite(state.items())
         if broken:
             raise NonFiniteError(
                 f"Refusing to write a checkpoint: {len(broken)} weight tensor(s) hold NaN or infinite values "
@@ -508,21 +508,25 @@ def model_logits(output: Any) -> Tensor:
     return output
 
 
+def _non_finite(named: Iterable[tuple[str, Any]]) -> list[str]:
+    """The names of the floating-point tensors in ``named`` that hold NaN or infinite values."""
+    return [
+        name
+        for name, value in named
+        if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all())
+    ]
+
+
 def _features_finite(features: Features) -> bool:
-    for value in features.values():
-        value = model_logits(value) if isinstance(value, (Mapping, tuple, list)) else value
-        if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            return False
-    return True
+    unwrapped = (
+        (k, model_logits(v) if isinstance(v, (Mapping, tuple, list)) else v) for k, v in features.items()
+    )
+    return not _non_finite(unwrapped)
 
 
 def _check_finite_weights(model: nn.Module, who: str) -> None:
     """Refuse a model whose parameters or buffers hold NaN or infinite values, naming them."""
-    broken = [
-        name
-        for name, value in [*model.named_parameters(), *model.named_buffers()]
-        if value.is_floating_point() and not bool(torch.isfinite(value).all())
-    ]
+    broken = _non_finite([*model.named_parameters(), *model.named_buffers()])
     if broken:
         raise NonFiniteError(
             f"The {who} ({type(model).__name__}) has NaN or infinite values in {len(broken)} weight tensor(s), "
