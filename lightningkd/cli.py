@@ -29,9 +29,14 @@ from lightning.pytorch import LightningDataModule  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from lightningkd.callbacks import InterruptCheckpoint, NoOverwrite  # noqa: E402
-from lightningkd.checkpoint_io import check_checkpoint_file  # noqa: E402
-from lightningkd.export import export_student  # noqa: E402
+from lightningkd.checkpoint_io import check_checkpoint_file, load_checkpoint_file  # noqa: E402
+from lightningkd.export import export_onnx, export_student  # noqa: E402
 from lightningkd.models import MMSegSegmenter, TorchvisionSegmenter, classifier  # noqa: E402
+from lightningkd.models.weights import (  # noqa: E402
+    STUDENT_PREFIX,
+    extract_state_dict,
+    load_state_dict_checked,
+)
 from lightningkd.modules.base import DistillationModule  # noqa: E402
 from lightningkd.taps import describe_layers  # noqa: E402
 
@@ -174,19 +179,46 @@ def _deep_update(base: dict, update: dict) -> None:
 def _export(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="lightningkd export",
-        description="Write the student's weights from a lightningkd checkpoint; the file loads with "
-        "strict=True into the bare student model. Never writes over the input or over a Lightning checkpoint.",
+        description="Write the distilled student from a lightningkd checkpoint: its weights (--format pt, "
+        "loading with strict=True into the bare student model) or an ONNX file (--format onnx, checked "
+        "against PyTorch with onnxruntime). Never writes over the input or over a Lightning checkpoint.",
     )
     parser.add_argument("checkpoint", help="Lightning checkpoint (.ckpt) of a lightningkd run")
-    parser.add_argument("output", help="the file to write the student state_dict to (.pt)")
+    parser.add_argument("output", help="the file to write (.pt state_dict, or .onnx)")
+    parser.add_argument("--format", choices=["pt", "onnx"], default="pt")
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        help="onnx: the run's recipe (repeatable, later files override), which builds the student",
+    )
+    parser.add_argument(
+        "--input_size", type=int, nargs=3, metavar=("C", "H", "W"), help="onnx: the input the model sees"
+    )
     parser.add_argument(
         "--overwrite",
         action="store_true",
         help="replace an existing output file (never a Lightning checkpoint)",
     )
     ns = parser.parse_args(list(argv))
-    count = export_student(ns.checkpoint, ns.output, overwrite=ns.overwrite)
-    print(f"wrote {count} student tensors to {ns.output}")
+    if ns.format == "pt":
+        count = export_student(ns.checkpoint, ns.output, overwrite=ns.overwrite)
+        print(f"wrote {count} student tensors to {ns.output}")
+        return
+    if not ns.config or not ns.input_size:
+        raise ValueError(
+            "--format onnx needs the architecture and an input size: add --config RECIPE.yaml (the recipe "
+            "the checkpoint was trained with) and --input_size C H W (e.g. --input_size 3 512 1024)."
+        )
+    student = _model_from_configs(ns.config).student
+    state = extract_state_dict(load_checkpoint_file(ns.checkpoint), prefix=STUDENT_PREFIX)
+    load_state_dict_checked(student, state, ns.checkpoint, hint="Check that --config is the run's recipe.")
+    example = torch.rand(1, *ns.input_size)
+    difference = export_onnx(student, ns.output, example, overwrite=ns.overwrite)
+    print(
+        f"wrote {ns.output}: onnxruntime matches PyTorch on a {tuple(example.shape)} input "
+        f"(largest difference {difference:.2g})"
+    )
 
 
 TRACEBACK_VARIABLE = "LIGHTNINGKD_TRACEBACK"
@@ -201,6 +233,8 @@ commands:
         list the layer names distillers can tap, with output shapes.
   lightningkd export CHECKPOINT.ckpt STUDENT.pt [--overwrite]
         write the student's weights alone.
+  lightningkd export CHECKPOINT.ckpt STUDENT.onnx --format onnx --config RECIPE.yaml --input_size C H W
+        write the student as ONNX, checked against PyTorch with onnxruntime.
 
 errors print their root cause; add --traceback (or set {TRACEBACK_VARIABLE}=1) for the full traceback.
 """

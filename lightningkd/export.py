@@ -1,13 +1,16 @@
-"""Student-only export: a file that loads with ``strict=True`` into the bare student model."""
+"""Student-only export: weights that load with ``strict=True`` into the bare student, or an ONNX file."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import secrets
+import warnings
 from typing import Any
 
+import numpy as np
 import torch
+from torchvision.models import detection
 
 from lightningkd.checkpoint_io import CheckpointError, is_lightning_checkpoint, load_checkpoint_file
 from lightningkd.models.weights import STUDENT_PREFIX, extract_state_dict
@@ -111,3 +114,140 @@ def _save_atomically(obj: Any, output: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.remove(temporary)
         raise
+
+
+OnnxOutputs = list[np.ndarray]
+# torchvision detectors: they take a list of images and return a list of dicts
+_DETECTORS = (
+    detection.generalized_rcnn.GeneralizedRCNN,
+    detection.RetinaNet,
+    detection.FCOS,
+    detection.ssd.SSD,
+)
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    output: str | os.PathLike,
+    example: torch.Tensor,
+    overwrite: bool = False,
+    check: bool = True,
+    rtol: float = 1e-3,
+    atol: float = 1e-4,
+    opset_version: int = 17,
+) -> float | None:
+    """Write ``model`` (a bare student: classifier, segmenter or torchvision detector) as an ONNX file.
+
+    The model is exported in eval mode with torch's TorchScript-based exporter (``dynamo=False``): it is
+    the one of torch's two exporters that handles torchvision's detectors, whose number of output boxes
+    depends on the data. Batch size, height and width are dynamic axes of the input (a detector takes
+    one image ``(3, H, W)``, as a torchvision detector in eval mode does, and returns ``boxes``,
+    ``labels``, ``scores``). The file is written next to its final name and renamed into place, so a
+    failed export leaves no partial file.
+
+    With ``check`` (default), onnxruntime runs the file on ``example`` and every output must match the
+    PyTorch model's within ``atol + rtol * |expected|``; otherwise the file is removed and the error
+    names the output and its largest difference.
+
+    Args:
+        model: the student, as built for training (its weights loaded).
+        output: the ``.onnx`` file to write.
+        example: an input batch ``(N, C, H, W)`` of the size the model will see (a detector: ``N = 1``).
+        overwrite: replace an existing ``output``.
+        check: compare onnxruntime's outputs with PyTorch's on ``example`` (needs ``onnxruntime``).
+        rtol, atol: the tolerance of the check.
+        opset_version: the ONNX opset.
+
+    Returns:
+        The largest absolute difference found by the check (``None`` without ``check``).
+
+    Raises:
+        FileExistsError: ``output`` exists and ``overwrite`` is false.
+        ValueError: the example is not a 4-D batch, or a detector example holds more than one image.
+        AssertionError: onnxruntime's outputs differ from PyTorch's beyond the tolerance.
+    """
+    output = os.fspath(output)
+    if os.path.isdir(output):
+        raise IsADirectoryError(
+            f"The ONNX output {output!r} is a folder: pass a file path such as student.onnx."
+        )
+    if os.path.exists(output) and not overwrite:
+        raise FileExistsError(f"{output!r} already exists: pass --overwrite (overwrite=True) to replace it.")
+    if example.dim() != 4:
+        raise ValueError(f"example must be a batch (N, C, H, W); got shape {tuple(example.shape)}.")
+    detector = _is_torchvision_detector(model)
+    if detector and example.shape[0] != 1:
+        raise ValueError(
+            f"A detector exports with one image: example shape (1, C, H, W), got {tuple(example.shape)}."
+        )
+    model = model.eval()
+    args = ([example[0]],) if detector else (example,)
+    names = ["boxes", "labels", "scores"] if detector else ["output"]
+    axes = (
+        {"images": {1: "height", 2: "width"}}
+        if detector
+        else {"images": {0: "batch", 2: "height", 3: "width"}}
+    )
+    folder = os.path.dirname(os.path.abspath(output))
+    os.makedirs(folder, exist_ok=True)
+    temporary = os.path.join(folder, f".{os.path.basename(output)}.{secrets.token_hex(6)}.tmp.onnx")
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TorchScript tracer warnings on torchvision's detection code
+            torch.onnx.export(
+                model,
+                args,
+                temporary,
+                dynamo=False,
+                input_names=["images"],
+                output_names=names,
+                dynamic_axes=axes,
+                opset_version=opset_version,
+            )
+        difference = _check_onnx(model, args, temporary, names, rtol, atol) if check else None
+        os.replace(temporary, output)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+    return difference
+
+
+def run_onnx(path: str | os.PathLike, images: np.ndarray) -> OnnxOutputs:
+    """Run an exported file with onnxruntime on the CPU; ``images`` as the model's input."""
+    import onnxruntime  # optional dependency (pip install 'lightningkd[onnx]')
+
+    session = onnxruntime.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: images})
+
+
+def _check_onnx(
+    model: torch.nn.Module, args: tuple, path: str, names: list[str], rtol: float, atol: float
+) -> float:
+    with torch.no_grad():
+        expected = model(*args)
+    if isinstance(expected, list):  # a torchvision detector: one dict per image
+        expected = [expected[0][name] for name in names]
+    elif isinstance(expected, torch.Tensor):
+        expected = [expected]
+    else:
+        raise TypeError(
+            f"The model returns {type(expected).__name__}; export expects a tensor or a detector's list of dicts."
+        )
+    got = run_onnx(path, args[0][0].numpy() if isinstance(args[0], list) else args[0].numpy())
+    worst = 0.0
+    for name, want, have in zip(names, expected, got):
+        want = want.numpy()
+        if want.shape != have.shape:
+            raise AssertionError(f"ONNX output {name!r} has shape {have.shape}, PyTorch's {want.shape}.")
+        difference = float(np.abs(have.astype(np.float64) - want).max()) if want.size else 0.0
+        if not np.allclose(have, want, rtol=rtol, atol=atol):
+            raise AssertionError(
+                f"ONNX output {name!r} differs from PyTorch's by up to {difference:.3g} (tolerance atol {atol} "
+                f"+ rtol {rtol}); the file was not written."
+            )
+        worst = max(worst, difference)
+    return worst
+
+
+def _is_torchvision_detector(model: torch.nn.Module) -> bool:
+    return isinstance(model, _DETECTORS)
