@@ -205,6 +205,12 @@ def test_torchvision_segmenter_loads_backbone_weights(tmp_path) -> None:
         TorchvisionSegmenter("lraspp_mobilenet_v3_large", 3, backbone_checkpoint=str(tmp_path / "bad.pth"))
 
 
+def tile(picture: torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tensor:
+    """The ``(3, h, w)`` 0-255 integer pixels of the tile at ``box`` (top, left, height, width)."""
+    top, left, height, width = box
+    return (picture[:, top : top + height, left : left + width] * 255).round().int()
+
+
 def test_preview_draws_image_labels_and_both_predictions(tmp_path) -> None:
     from datamodules import SyntheticSegmentationDataModule
 
@@ -217,13 +223,45 @@ def test_preview_draws_image_labels_and_both_predictions(tmp_path) -> None:
     assert [p.split("/")[-1] for p in preview.saved] == ["epoch_000.png"]
     data.setup("validate")
     images, targets = zip(*(data.val_dataloader().dataset[i] for i in (0, 2)))
-    grid = preview.render(module, data, torch.stack(images), torch.stack(targets))
-    # 2 rows x 4 columns (image, truth, teacher, student) of 16 px tiles with 2 px padding
-    assert grid.shape == (3, 2 + 2 * 18, 2 + 4 * 18)
-    truth = grid[:, 2 + 18 * 0 : 18, 2 + 18 : 18 + 18]  # first row, second tile
-    colours = {tuple((truth[:, y, x] * 255).round().int().tolist()) for y in range(16) for x in range(16)}
-    palette = {tuple(c) for c in data.palette} | {(0, 0, 0)}
-    assert colours <= palette
+    targets = torch.stack(targets)
+    grid = preview.render(module, data, torch.stack(images), targets)
+    assert grid.ndim == 3 and grid.shape[0] == 3 and grid.dtype == torch.float32
+    assert 0.0 <= grid.min() and grid.max() <= 1.0
+    assert preview.last_columns == ["image", "ground truth", "teacher", "student"]
+    # the legend: every class name of the datamodule with its palette colour, then black for ignored pixels
+    assert preview.last_legend == [*zip(data.classes, map(tuple, data.palette)), ("ignored", (0, 0, 0))]
+    # 2 rows x 4 columns of equal tiles, 16 px enlarged by a whole factor
+    assert [len(row) for row in preview.last_boxes] == [4, 4]
+    top, left, height, width = preview.last_boxes[0][1]  # first row, ground truth
+    scale = height // 16
+    assert height == width == 16 * scale and scale >= 1
+    assert grid.shape[-2] >= preview.last_boxes[1][0][0] + height
+    # the ground-truth tile is the palette-coloured label map, each pixel a scale x scale block (nearest)
+    palette = torch.tensor(data.palette, dtype=torch.int)
+    expected = torch.zeros(3, 16, 16, dtype=torch.int)  # ignored pixels black
+    known = targets[0] != data.ignore_index
+    expected[:, known] = palette[targets[0][known]].T
+    truth = tile(grid, preview.last_boxes[0][1])
+    assert torch.equal(truth, expected.repeat_interleave(scale, 1).repeat_interleave(scale, 2))
+    # one pixel by hand: the centre of a shape's pixel (not background, whose colour is black) has exactly
+    # its class's palette colour
+    y, x = (known & (targets[0] > 0)).nonzero()[0].tolist()
+    colour = grid[:, top + y * scale + scale // 2, left + x * scale + scale // 2]
+    assert tuple((colour * 255).round().int().tolist()) == tuple(data.palette[targets[0, y, x]]) != (0, 0, 0)
+
+
+def test_preview_without_teacher_has_no_teacher_column() -> None:
+    from datamodules import SyntheticSegmentationDataModule
+
+    data = SyntheticSegmentationDataModule(num_classes=4, image_size=16, train_size=2, val_size=2)
+    data.setup("validate")
+    images, targets = zip(*(data.val_dataloader().dataset[i] for i in (0, 1)))
+    module = SegmentationDistillationModule(nn.Conv2d(3, 4, 1), num_classes=4)
+    preview = SegmentationPreview(num_images=2)
+    preview.render(module, data, torch.stack(images), torch.stack(targets))
+    assert preview.last_columns == ["image", "ground truth", "student"]
+    assert [name for name, _ in preview.last_legend] == [*data.classes, "ignored"]
+    assert data.classes == ["background", "class_1", "class_2", "class_3"]
 
 
 def test_teacher_runs_at_another_input_size() -> None:
@@ -264,6 +302,7 @@ def test_teacher_runs_at_another_input_size() -> None:
 
 
 def test_preview_goes_to_image_loggers_and_draws_bpkd_masks(tmp_path) -> None:
+    import torchvision
     from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
     from datamodules import SyntheticSegmentationDataModule
@@ -293,7 +332,14 @@ def test_preview_goes_to_image_loggers_and_draws_bpkd_masks(tmp_path) -> None:
     preview = SegmentationPreview(num_images=2, dirpath=str(tmp_path / "png"))
     trainer(max_epochs=1, callbacks=[preview], limit_train_batches=1, logger=loggers).fit(module, data)
     # 2 rows x 6 columns: image, truth, teacher, student, BPKD edge mask, BPKD body mask
-    assert ImageLogger.images == [("val/segmentation_preview", (3, 2 + 2 * 18, 2 + 6 * 18))]
+    assert BPKD(num_classes=3).name == "bpkd"
+    assert preview.last_columns == ["image", "ground truth", "teacher", "student", "bpkd edge", "bpkd body"]
+    assert [len(row) for row in preview.last_boxes] == [6, 6]
+    saved = torchvision.io.read_image(preview.saved[0])
+    assert ImageLogger.images == [("val/segmentation_preview", saved.shape)]
+    # the edge and body masks are drawn in black and white only
+    for box in preview.last_boxes[0][4:]:
+        assert set(tile(saved.float() / 255, box).unique().tolist()) <= {0, 255}
     events = list((tmp_path / "tb").rglob("events.out.tfevents.*"))
     content = b"".join(e.read_bytes() for e in events)
     assert b"val/segmentation_preview" in content and b"\x89PNG" in content  # an image summary
@@ -302,8 +348,19 @@ def test_preview_goes_to_image_loggers_and_draws_bpkd_masks(tmp_path) -> None:
 def test_preview_shrinks_large_tiles() -> None:
     module = SegmentationDistillationModule(nn.Conv2d(3, 2, 1), num_classes=2)
     preview = SegmentationPreview(num_images=1, max_side=32)
-    grid = preview.render(module, None, torch.zeros(1, 3, 64, 128), torch.zeros(1, 64, 128, dtype=torch.long))
-    assert grid.shape == (3, 2 + 16 + 2, 2 + 3 * (32 + 2))  # image, truth, student at 16x32
+    target = torch.zeros(1, 64, 128, dtype=torch.long)
+    target[:, :, 64:] = 1
+    grid = preview.render(module, None, torch.zeros(1, 3, 64, 128), target)
+    # image, truth, student shrunk to 16x32, then each pixel drawn as a whole-number block so titles fit
+    assert preview.last_columns == ["image", "ground truth", "student"]
+    (_, _, height, width), _, _ = preview.last_boxes[0]
+    assert height * 2 == width and width % 32 == 0
+    truth = tile(grid, preview.last_boxes[0][1])
+    scale = width // 32
+    assert torch.equal(truth[:, ::scale, ::scale], truth[:, scale - 1 :: scale, scale - 1 :: scale])
+    # no datamodule: names "class <i>" and the fixed fallback palette
+    assert [name for name, _ in preview.last_legend] == ["class 0", "class 1", "ignored"]
+    assert truth[:, 0, width - 1].tolist() == list(preview.last_legend[1][1])
 
 
 def test_several_auxiliary_heads_each_add_their_loss() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -11,23 +12,46 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import save_image
+
+# layout of the picture, in pixels (the figure is drawn at 100 dpi, so 1 inch = 100 px)
+_DPI = 100
+_MIN_TILE_WIDTH = 128  # narrower tiles are enlarged by a whole factor so that the column titles fit
+_GAP = 4  # white space between tiles
+_MARGIN = 6  # white space around the grid
+_TITLE_BAND = 24  # room above the grid for the column titles
+_FONT_SIZE = 10
 
 
 class SegmentationPreview(L.Callback):
-    """Log a picture of a few fixed validation images with their labels and both models' predictions.
+    """Log a labelled picture of a few fixed validation images with their labels and both models' predictions.
 
     At the end of every ``every_n_epochs``-th validation, each of ``num_images`` validation images
-    (always the same ones, spread evenly over the set) becomes one row: the image, the ground truth,
-    the teacher's prediction (when there is a teacher), the student's prediction and, for every
-    distiller exposing ``masks(target, size)`` (BPKD), its edge mask (white where any class has an edge)
-    and body mask (white where every class is body; edges and ignored pixels are dark) in grey. Class maps are
-    drawn in the datamodule's ``palette`` (ignored pixels black) and images are un-normalised with its
-    ``mean``/``std``.
+    (always the same ones, spread evenly over the set) becomes one row of tiles. The columns, titled
+    above the top row, are:
 
-    The picture is saved as ``<log_dir>/segmentation_preview/epoch_<N>.png`` and sent to the loggers
-    that take images: TensorBoard (``experiment.add_image``) and the loggers with a ``log_image`` method
-    (Weights & Biases, Neptune, ...).
+    - ``"image"``: the input, un-normalised with the datamodule's ``mean``/``std``;
+    - ``"ground truth"``: the label map;
+    - ``"teacher"``: the teacher's prediction (only when the module has a teacher);
+    - ``"student"``: the student's prediction;
+    - ``"<name> edge"`` and ``"<name> body"`` for every distiller exposing ``masks(target, size)`` (BPKD;
+      ``<name>`` is the distiller's ``name``, e.g. ``"bpkd edge"``): in grey, the edge mask (white where
+      any class has an edge) and the body mask (white where every class is body; edges and ignored
+      pixels are dark).
+
+    Class maps are drawn in the datamodule's ``palette`` (a fixed random palette when it has none),
+    ignored pixels in black. Below the grid, a legend pairs each class name (the datamodule's
+    ``classes``, else the module's ``class_names``, else ``"class 0"``, ``"class 1"``, ...) with its
+    colour, plus an ``"ignored"`` entry for black. Tiles are drawn with nearest-neighbour
+    interpolation only, so their colours are exactly the palette's; tiles narrower than 128 pixels are
+    enlarged by a whole factor so the titles fit. After :meth:`render`, :attr:`last_columns` holds the
+    column titles, :attr:`last_legend` the ``(name, (r, g, b))`` legend entries and :attr:`last_boxes`
+    the ``(top, left, height, width)`` pixel box of every tile, one list per row.
+
+    The picture (rendered with matplotlib's Agg canvas, no pyplot state, so it works headless and
+    from any thread) is saved as ``<log_dir>/segmentation_preview/epoch_<N>.png`` and sent as a
+    ``(3, H, W)`` image to the loggers that take images: TensorBoard (``experiment.add_image``) and the
+    loggers with a ``log_image`` method (Weights & Biases, Neptune, ...).
 
     Args:
         num_images: how many validation images to draw.
@@ -54,6 +78,9 @@ class SegmentationPreview(L.Callback):
         self.dirpath = dirpath
         self.max_side = max_side
         self.saved: list[str] = []
+        self.last_columns: list[str] = []
+        self.last_legend: list[tuple[str, tuple[int, int, int]]] = []
+        self.last_boxes: list[list[tuple[int, int, int, int]]] = []
 
     @rank_zero_only
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -90,7 +117,10 @@ class SegmentationPreview(L.Callback):
 
     @torch.no_grad()
     def render(self, pl_module: Any, datamodule: Any, images: Tensor, targets: Tensor) -> Tensor:
-        """The preview grid (a ``(3, H', W')`` float image in [0, 1]) for ``images`` and their ``targets``."""
+        """The labelled preview (a ``(3, H', W')`` float image in [0, 1]) for ``images`` and their ``targets``.
+
+        Also sets :attr:`last_columns`, :attr:`last_legend` and :attr:`last_boxes`.
+        """
         ignore = pl_module.ignore_index
         targets = targets.where(targets >= 0, torch.full_like(targets, ignore))
         palette = _palette(datamodule, pl_module.num_classes)
@@ -104,24 +134,102 @@ class SegmentationPreview(L.Callback):
             (images * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)).clamp(0, 1),
             _colour(targets, palette, ignore),
         ]
+        titles = ["image", "ground truth"]
         if pl_module.teacher is not None:
             logits = pl_module.teacher_logits(batch, size=targets.shape[-2:])
             columns.append(_colour(logits.argmax(1).cpu(), palette, ignore))
+            titles.append("teacher")
         logits = pl_module.predict_logits(batch, size=targets.shape[-2:])
         columns.append(_colour(logits.argmax(1).cpu(), palette, ignore))
+        titles.append("student")
         for distiller in pl_module.distillers:
             if hasattr(distiller, "masks"):
                 edge, body = distiller.masks(targets.to(device), targets.shape[-2:])
                 # per-class masks in one picture: where any class has an edge; where every class is body
                 for mask in (edge.amax(1, keepdim=True), body.amin(1, keepdim=True)):
                     columns.append(mask.clamp(0, 1).float().cpu().expand(-1, 3, -1, -1))
+                titles += [f"{distiller.name} edge", f"{distiller.name} body"]
         pl_module.train(was_training)
-        tiles = torch.stack(columns, dim=1).flatten(0, 1)  # row-major: one row per image
+        tiles = torch.stack(columns, dim=1)  # (rows, columns, 3, h, w)
         longest = max(tiles.shape[-2:])
         if longest > self.max_side:
             size = [max(1, round(s * self.max_side / longest)) for s in tiles.shape[-2:]]
-            tiles = torch.nn.functional.interpolate(tiles, size=size, mode="nearest")
-        return make_grid(tiles, nrow=len(columns), padding=2, pad_value=1.0)
+            tiles = torch.nn.functional.interpolate(tiles.flatten(0, 1), size=size, mode="nearest")
+            tiles = tiles.unflatten(0, (len(images), len(columns)))
+        names = _class_names(datamodule, pl_module)
+        colours = (palette * 255).round().int().tolist()
+        legend = [(name, tuple(c)) for name, c in zip(names, colours)] + [("ignored", (0, 0, 0))]
+        picture, boxes = _draw(tiles, titles, legend)
+        self.last_columns, self.last_legend, self.last_boxes = titles, legend, boxes
+        return picture
+
+
+def _draw(
+    tiles: Tensor, titles: list[str], legend: list[tuple[str, tuple[int, int, int]]]
+) -> tuple[Tensor, list[list[tuple[int, int, int, int]]]]:
+    """Lay ``(rows, columns, 3, h, w)`` tiles out under ``titles`` above a colour ``legend``.
+
+    Returns the picture as a ``(3, H, W)`` float tensor in [0, 1] and each tile's ``(top, left, height,
+    width)`` pixel box in it.
+    """
+    # imported here: matplotlib takes a while to import and only the preview needs it
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch, Rectangle
+
+    rows, cols, _, h, w = tiles.shape
+    scale = max(1, math.ceil(_MIN_TILE_WIDTH / w))
+    tile_h, tile_w = h * scale, w * scale
+    width = 2 * _MARGIN + cols * tile_w + (cols - 1) * _GAP
+    grid_h = rows * tile_h + (rows - 1) * _GAP
+    # uint8 pixels go to the canvas unchanged (floats would be truncated, not rounded, to bytes)
+    pixels = (tiles * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 1, 3, 4, 2).numpy()
+
+    fig = Figure(figsize=(width / _DPI, 1.0), dpi=_DPI, facecolor="white")
+    canvas = FigureCanvasAgg(fig)
+    handles = [Patch(facecolor=np.array(c) / 255, edgecolor="0.5", linewidth=0.5) for _, c in legend]
+    labels = [name for name, _ in legend]
+    # as many legend columns as fit in the picture's width, found by measuring the drawn legend
+    box = None
+    for ncol in range(min(len(legend), 12), 0, -1):
+        if box is not None:
+            box.remove()
+        box = fig.legend(
+            handles, labels, loc="upper center", ncol=ncol, frameon=False, fontsize=_FONT_SIZE - 1,
+            handlelength=1.2, columnspacing=1.2, borderaxespad=0.0,
+        )  # fmt: skip
+        extent = box.get_window_extent(canvas.get_renderer())
+        if extent.width <= width - 2 * _MARGIN or ncol == 1:
+            break
+    legend_h = math.ceil(extent.height)
+    height = _TITLE_BAND + grid_h + _MARGIN + legend_h + _MARGIN
+    fig.set_size_inches(width / _DPI, height / _DPI)
+    box.set_bbox_to_anchor((0.5, 1 - (_TITLE_BAND + grid_h + _MARGIN) / height), transform=fig.transFigure)
+
+    boxes: list[list[tuple[int, int, int, int]]] = []
+    for r in range(rows):
+        top = _TITLE_BAND + r * (tile_h + _GAP)
+        boxes.append([])
+        for c in range(cols):
+            left = _MARGIN + c * (tile_w + _GAP)
+            boxes[-1].append((top, left, tile_h, tile_w))
+            # a grey frame one pixel wide, drawn under the tile, keeps white masks apart from the background
+            frame = (left - 1, height - top - tile_h - 1, tile_w + 2, tile_h + 2)
+            fig.add_artist(
+                Rectangle(
+                    (frame[0] / width, frame[1] / height), frame[2] / width, frame[3] / height,
+                    transform=fig.transFigure, facecolor="0.6", linewidth=0, antialiased=False, zorder=-1,
+                )
+            )  # fmt: skip
+            # matplotlib's origin is the bottom left corner
+            ax = fig.add_axes((left / width, 1 - (top + tile_h) / height, tile_w / width, tile_h / height))
+            ax.imshow(pixels[r, c], interpolation="nearest", aspect="auto")
+            ax.set_axis_off()
+            if r == 0:
+                ax.set_title(titles[c], fontsize=_FONT_SIZE, pad=4)
+    canvas.draw()
+    rgb = np.asarray(canvas.buffer_rgba())[..., :3]
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255, boxes
 
 
 def _pad(tensor: Tensor, height: int, width: int, value: float) -> Tensor:
@@ -137,6 +245,14 @@ def _palette(datamodule: Any, num_classes: int) -> Tensor:
         generator = torch.Generator().manual_seed(0)
         palette = torch.randint(0, 256, (num_classes, 3), generator=generator).tolist()
     return torch.tensor(palette[:num_classes], dtype=torch.float32) / 255
+
+
+def _class_names(datamodule: Any, pl_module: Any) -> list[str]:
+    count = pl_module.num_classes
+    for names in (getattr(datamodule, "classes", None), getattr(pl_module, "class_names", None)):
+        if names is not None and len(names) == count:
+            return [str(n) for n in names]
+    return [f"class {i}" for i in range(count)]
 
 
 def _colour(classes: Tensor, palette: Tensor, ignore_index: int) -> Tensor:
