@@ -144,8 +144,10 @@ class COCODetectionDataModule(BaseDetectionDataModule):
         num_workers: DataLoader workers.
         augment: random scale jitter and horizontal flip on the train split.
         keep_empty: keep images without (non-crowd) boxes.
-        min_size / max_size: resize so the shorter side is ``min_size`` unless the longer would exceed
-            ``max_size`` (torchvision detector defaults 800 / 1333); ``None`` disables a bound.
+        min_size: resize so the shorter side is ``min_size`` unless the longer would exceed
+            ``max_size`` (torchvision detector default 800); ``None`` disables this bound.
+        max_size: bound on the longer side after resizing (torchvision detector default 1333); ``None``
+            disables it.
         scale_range: train scale jitter around that size.
         year: ``"2017"`` (or ``"2014"``).
         skip_corrupt: skip unreadable images (dropped from their batch, listed at the end of the stage)

@@ -151,13 +151,16 @@ class VOCDetectionDataModule(BaseDetectionDataModule):
         data_dir: folder holding ``JPEGImages`` (e.g. ``VOCdevkit/VOC2012``).
         classes: foreground class names in label order (label ``i`` is ``classes[i - 1]``); an XML object
             of another class is an error.
-        batch_size / num_workers: loader settings.
-        train_split / val_split: names of the split lists in ``ImageSets/Main``.
+        batch_size: images per batch.
+        num_workers: DataLoader workers.
+        train_split: name of the training split list in ``ImageSets/Main``.
+        val_split: name of the validation split list in ``ImageSets/Main``.
         test_split: split served by the test loader (``None``: ``val_split``).
         augment: random scale jitter and horizontal flip on the train split.
         use_difficult: train on ``difficult`` objects (otherwise they are only ignore regions).
-        min_size / max_size / scale_range: as in
-            :class:`~datamodules.detection.coco.COCODetectionDataModule` (default: no resize).
+        min_size: as in :class:`~datamodules.detection.coco.COCODetectionDataModule` (default: no resize).
+        max_size: as in :class:`~datamodules.detection.coco.COCODetectionDataModule` (default: no resize).
+        scale_range: as in :class:`~datamodules.detection.coco.COCODetectionDataModule`.
         skip_corrupt: skip unreadable images (dropped from their batch, listed at the end of the stage)
             instead of stopping with an error naming them.
     """

@@ -36,7 +36,8 @@ class AT(Distiller):
         teacher_layers: tapped teacher layers, same length and order.
         p: exponent of the attention map (2 in the paper).
         resize: ``"pool_larger"`` or ``"interpolate_student"``.
-        weight, name: see :class:`~lightningkd.distillers.base.Distiller`.
+        weight: see :class:`~lightningkd.distillers.base.Distiller`.
+        name: see :class:`~lightningkd.distillers.base.Distiller`.
 
     Shape:
         every student layer ``(N, C_s, H_s, W_s)`` and its teacher layer ``(N, C_t, H_t, W_t)``.

@@ -63,8 +63,10 @@ class BPKD(Distiller):
         ignore_mode: ``"neutral"`` (ignored pixels create no edges and are excluded from the body) or
             ``"background"`` (literal zeroed one-hot; see
             :func:`~lightningkd.functional.bpkd.boundary_masks`).
-        student_layer, teacher_layer: where the logits are read (``"output"``: the models' outputs).
-        weight, name: see :class:`~lightningkd.distillers.base.Distiller`.
+        student_layer: where the student's logits are read (``"output"``: the models' outputs).
+        teacher_layer: where the teacher's logits are read (``"output"``: the models' outputs).
+        weight: see :class:`~lightningkd.distillers.base.Distiller`.
+        name: see :class:`~lightningkd.distillers.base.Distiller`.
 
     Shape:
         student logits ``(N, C, h, w)``, teacher logits ``(N, C, h', w')``, ``batch["target"]``

@@ -48,7 +48,8 @@ class CIRKDMiniBatch(Distiller):
         teacher_layer: tapped teacher feature at the same spatial size (channels may differ).
         temperature: tau of the similarity softmax (authors' default 0.1).
         pooling: 2x2 average pooling (ceil mode) of both maps before the similarities.
-        weight, name: see :class:`~lightningkd.distillers.base.Distiller`.
+        weight: see :class:`~lightningkd.distillers.base.Distiller`.
+        name: see :class:`~lightningkd.distillers.base.Distiller`.
 
     Shape:
         student ``(B, C_s, H, W)``, teacher ``(B, C_t, H, W)``.
@@ -149,7 +150,8 @@ class CIRKDMemory(Distiller):
         region_weight: factor of the pixel-to-region term in :meth:`forward`.
         ignore_index: label of unlabelled pixels.
         official_enqueue: reproduce the authors' pixel enqueue (bug and ring-buffer quirk included).
-        weight, name: see :class:`~lightningkd.distillers.base.Distiller`.
+        weight: see :class:`~lightningkd.distillers.base.Distiller`.
+        name: see :class:`~lightningkd.distillers.base.Distiller`.
 
     Shape:
         student ``(N, C_s, h, w)``, teacher ``(N, C_t, h, w)``, ``batch["target"]`` ``(N, H, W)`` int64.

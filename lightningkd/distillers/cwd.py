@@ -37,12 +37,15 @@ class ChannelWiseDivergence(Distiller):
 
     Args:
         temperature: tau > 0 (paper: 4).
-        student_layer, teacher_layer: where the maps are read (``"output"``: the model's logits).
-        student_channels, teacher_channels: C_s and C_t of feature maps; both or neither. When they differ,
+        student_layer: where the student's maps are read (``"output"``: the model's logits).
+        teacher_layer: where the teacher's maps are read (``"output"``: the model's logits).
+        student_channels: C_s of feature maps; give both channel counts or neither. When they differ,
             a 1x1 conv adapter C_s -> C_t is created; when given, the inputs are checked against them.
+        teacher_channels: C_t of feature maps (see ``student_channels``).
         relu: end the adapter with a ReLU (TorchDistiller's connector does; use ``False`` for teacher
             features taken before an activation). Unused without an adapter.
-        weight, name: see :class:`~lightningkd.distillers.base.Distiller`.
+        weight: see :class:`~lightningkd.distillers.base.Distiller`.
+        name: see :class:`~lightningkd.distillers.base.Distiller`.
 
     Shape:
         student ``(N, C_s, H, W)``, teacher ``(N, C_t, H_t, W_t)`` (``C_s == C_t`` without an adapter).

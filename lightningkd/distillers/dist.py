@@ -32,8 +32,10 @@ class DIST(Distiller):
         beta: weight of the inter-class relation.
         gamma: weight of the intra-class relation.
         temperature: softening temperature tau > 0.
-        student_layer, teacher_layer: where the logits are read (``"output"``: the model's output).
-        weight, name: see :class:`~lightningkd.distillers.base.Distiller`.
+        student_layer: where the student's logits are read (``"output"``: the model's output).
+        teacher_layer: where the teacher's logits are read (``"output"``: the model's output).
+        weight: see :class:`~lightningkd.distillers.base.Distiller`.
+        name: see :class:`~lightningkd.distillers.base.Distiller`.
 
     Shape:
         logits ``(N, C)`` for both models, or dense student ``(N, C, H, W)`` and teacher ``(N, C, H_t, W_t)``.

@@ -37,8 +37,10 @@ class DKD(Distiller):
         alpha: weight of TCKD.
         beta: weight of NCKD.
         temperature: softening temperature T > 0.
-        student_layer, teacher_layer: where the logits are read (``"output"``: the model's output).
-        weight, name: see :class:`~lightningkd.distillers.base.Distiller`.
+        student_layer: where the student's logits are read (``"output"``: the model's output).
+        teacher_layer: where the teacher's logits are read (``"output"``: the model's output).
+        weight: see :class:`~lightningkd.distillers.base.Distiller`.
+        name: see :class:`~lightningkd.distillers.base.Distiller`.
 
     Shape:
         logits ``(N, C)`` for both models; ``batch["target"]``: ``(N,)`` integer labels in ``[0, C)``.

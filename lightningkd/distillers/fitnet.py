@@ -42,7 +42,8 @@ class FitNet(Distiller):
             :func:`~torch.nn.functional.interpolate` mode (``"bilinear"``, ``"bicubic"``, ``"nearest"``,
             ``"area"``) or ``"pool"`` (adaptive average pooling).
         relu: end the regressor with a ReLU (mdistiller does; useful when the teacher hint is post-ReLU).
-        weight, name: see :class:`~lightningkd.distillers.base.Distiller`.
+        weight: see :class:`~lightningkd.distillers.base.Distiller`.
+        name: see :class:`~lightningkd.distillers.base.Distiller`.
 
     Shape:
         student ``(N, C_s, H_s, W_s)``, teacher ``(N, C_t, H_t, W_t)``.

@@ -21,8 +21,10 @@ class KD(Distiller):
 
     Args:
         temperature: softening temperature T (mdistiller CIFAR default 4).
-        student_layer, teacher_layer: where the logits are read (``"output"``: the model's output).
-        weight, name: see :class:`~lightningkd.distillers.base.Distiller`.
+        student_layer: where the student's logits are read (``"output"``: the model's output).
+        teacher_layer: where the teacher's logits are read (``"output"``: the model's output).
+        weight: see :class:`~lightningkd.distillers.base.Distiller`.
+        name: see :class:`~lightningkd.distillers.base.Distiller`.
 
     Shape:
         logits ``(N, C)`` for both models.

@@ -46,7 +46,8 @@ class ND(Distiller):
         student_dim: student embedding dimension D_s.
         teacher_dim: teacher embedding dimension D_t (the centres' dimension).
         num_classes: number of classes K.
-        weight, name: see :class:`~lightningkd.distillers.base.Distiller`.
+        weight: see :class:`~lightningkd.distillers.base.Distiller`.
+        name: see :class:`~lightningkd.distillers.base.Distiller`.
 
     Shape:
         student ``(N, D_s)`` (or ``(N, D_s, H, W)`` / ``(N, L, D_s)``), teacher likewise with ``D_t``;

@@ -38,8 +38,10 @@ class PixelKD(Distiller):
         temperature: softening temperature T > 0 (CIRKD: 1).
         ignore_index: label of the pixels to leave out (``batch["target"]`` is then required), or ``None``
             for the official CIRKD mean over every pixel.
-        student_layer, teacher_layer: where the logits are read (``"output"``: the model's output).
-        weight, name: see :class:`~lightningkd.distillers.base.Distiller`.
+        student_layer: where the student's logits are read (``"output"``: the model's output).
+        teacher_layer: where the teacher's logits are read (``"output"``: the model's output).
+        weight: see :class:`~lightningkd.distillers.base.Distiller`.
+        name: see :class:`~lightningkd.distillers.base.Distiller`.
 
     Shape:
         student logits ``(N, C, H, W)``, teacher logits ``(N, C, H_t, W_t)``; ``batch["target"]``:

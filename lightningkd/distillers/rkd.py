@@ -33,7 +33,8 @@ class RKD(Distiller):
         teacher_layer: teacher layer whose output is the embedding (required).
         distance_weight: weight of the distance term.
         angle_weight: weight of the angle term.
-        weight, name: see :class:`~lightningkd.distillers.base.Distiller`.
+        weight: see :class:`~lightningkd.distillers.base.Distiller`.
+        name: see :class:`~lightningkd.distillers.base.Distiller`.
 
     Shape:
         student ``(N, D_s)``, teacher ``(N, D_t)``, ``N >= 2``, or the pooled forms above.

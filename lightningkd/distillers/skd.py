@@ -37,7 +37,8 @@ class PairwiseSimilarityKD(Distiller):
             (CIRKD: 2x2 windows, about ``H/2 x W/2`` nodes).
         pool_scale: window size as a fraction of the map for ``pooling="original"`` (authors: 0.5), in
             (0, 1]; leave it at 0.5 with ``"fixed_2x2"``.
-        weight, name: see :class:`~lightningkd.distillers.base.Distiller`.
+        weight: see :class:`~lightningkd.distillers.base.Distiller`.
+        name: see :class:`~lightningkd.distillers.base.Distiller`.
 
     Shape:
         student ``(N, C_s, H, W)``, teacher ``(N, C_t, H_t, W_t)``.

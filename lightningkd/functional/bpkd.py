@@ -270,7 +270,9 @@ def bpkd_loss(
     (its tuned SegFormer config uses 4 and 2); no source ties them to the paper.
 
     Args:
-        student_logits, teacher_logits, target: see :func:`bpkd_terms`.
+        student_logits: see :func:`bpkd_terms`.
+        teacher_logits: see :func:`bpkd_terms`.
+        target: see :func:`bpkd_terms`.
         edge_weight: lambda_edge.
         body_weight: lambda_body.
         **kwargs: the keyword arguments of :func:`bpkd_terms`.

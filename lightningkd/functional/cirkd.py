@@ -139,7 +139,8 @@ def cirkd_memory_terms(
         contrast_temperature: divides the similarities (authors' default 0.1).
         kd_temperature: temperature of the KL, whose square multiplies the result (authors' default 1).
         ignore_index: label of unlabelled pixels (the authors' training script uses -1).
-        pixel_index, region_index: explicit slot indices instead of a random draw (for tests).
+        pixel_index: explicit pixel-queue slot indices instead of a random draw (for tests).
+        region_index: explicit region-queue slot indices instead of a random draw (for tests).
         generator: random generator of the draw (CPU); default the global one.
 
     Shape:

@@ -27,9 +27,13 @@ class ClassificationDistillationModule(DistillationModule):
         distillers: see :class:`~lightningkd.modules.base.DistillationModule`.
         num_classes: number of classes, for the metrics.
         label_smoothing: cross-entropy label smoothing (0 disables it).
-        task_weight, optimizer, lr_scheduler, lr_scheduler_interval, teacher_input, channels_last,
-            on_nonfinite:
-            see :class:`~lightningkd.modules.base.DistillationModule`.
+        task_weight: see :class:`~lightningkd.modules.base.DistillationModule`.
+        optimizer: see :class:`~lightningkd.modules.base.DistillationModule`.
+        lr_scheduler: see :class:`~lightningkd.modules.base.DistillationModule`.
+        lr_scheduler_interval: see :class:`~lightningkd.modules.base.DistillationModule`.
+        teacher_input: see :class:`~lightningkd.modules.base.DistillationModule`.
+        channels_last: see :class:`~lightningkd.modules.base.DistillationModule`.
+        on_nonfinite: see :class:`~lightningkd.modules.base.DistillationModule`.
 
     Example:
         >>> import torch.nn as nn

@@ -53,8 +53,13 @@ class SegmentationDistillationModule(DistillationModule):
         eval_scale: factor applied to the image size before inference (1.0: as loaded).
         class_names: names for the per-class IoU logs; taken from the datamodule's ``classes`` when
             omitted.
-        task_weight, optimizer, lr_scheduler, lr_scheduler_interval, teacher_input, channels_last,
-            on_nonfinite: see :class:`~lightningkd.modules.base.DistillationModule`.
+        task_weight: see :class:`~lightningkd.modules.base.DistillationModule`.
+        optimizer: see :class:`~lightningkd.modules.base.DistillationModule`.
+        lr_scheduler: see :class:`~lightningkd.modules.base.DistillationModule`.
+        lr_scheduler_interval: see :class:`~lightningkd.modules.base.DistillationModule`.
+        teacher_input: see :class:`~lightningkd.modules.base.DistillationModule`.
+        channels_last: see :class:`~lightningkd.modules.base.DistillationModule`.
+        on_nonfinite: see :class:`~lightningkd.modules.base.DistillationModule`.
 
     Example:
         >>> import torch.nn as nn
