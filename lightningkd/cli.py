@@ -3,7 +3,7 @@
 Lightning installs no ``lightning fit`` command, so lightningkd ships its own entry point. The recipes are
 plain LightningCLI configs: any LightningCLI built on ``DistillationModule`` runs them too.
 
-    lightningkd fit --config recipes/classification/kd/resnet18_from_resnet34_synthetic.yaml
+    lightningkd fit --config recipes/classification/kd/shufflenet_v2_x0_5_from_resnet18_synthetic.yaml
     lightningkd fit --config recipe.yaml --config recipes/trainer/gpu_bf16.yaml
     lightningkd layers --model resnet18 --num_classes 10 --small_input --input_size 3 32 32
     lightningkd layers --config recipe.yaml
@@ -258,6 +258,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             if argv is None:
                 sys.argv = [sys.argv[0], *args]  # without --traceback, which LightningCLI does not know
             lightning_cli(None if argv is None else args)
+    except BrokenPipeError:  # `lightningkd layers ... | head` closed the pipe: not an error of the command
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python exits
+        sys.exit(0)
     except Exception as err:
         if full_traceback:
             raise
