@@ -1,0 +1,246 @@
+"""The CamVid evidence protocol: one teacher, then every student arm over several seeds, paired by seed.
+
+Does a segmentation distiller help? Train the teacher once, then for each seed the student alone and the
+student with each distiller: same initial weights, same data order (the seed fixes both; no distiller
+draws random numbers), so ``arm - student`` on the same seed cancels most of the seed-to-seed spread.
+``experiments/summarize_protocol.py`` prints the raw means and the paired differences.
+
+Every run goes through the library: ``datamodules.CamVidDataModule``, ``lightningkd.models.TorchvisionSegmenter``,
+``SegmentationDistillationModule`` and the distillers, with a plain Lightning ``Trainer``.
+
+Setting (sized for 2 CPU cores: one student run takes 1.5-3 minutes):
+    pair     teacher and student are both torchvision LRASPP-MobileNetV3-Large (3.2 M parameters, logits
+             at 1/8, head features ``classifier.cbr`` at 1/16 with 128 channels). The teacher is trained
+             ``--teacher-epochs`` (default 60), the students ``--epochs`` (default 6), all from scratch
+             (nothing can be downloaded here). A DeepLabV3-MobileNetV3 teacher at output stride 8 costs
+             3.1x the LRASPP training step and 3.2x its forward on this CPU (measured at 128x160, batch 8),
+             which the 2-core budget cannot carry; the stronger teacher comes from the longer schedule.
+    data     CamVid (SegNet release), 367 training images: random rescale 0.3-0.6 of 360x480, 128x160 crops
+             (padded with the ignore index), flip, photometric jitter; batch 8. Scored on the 101 val
+             images fed at half size (eval_scale 0.5) against the full 360x480 labels.
+    optim    AdamW lr 1e-3, weight decay 1e-4, cosine decay per step to 0.
+    BN       BatchNorm statistics recomputed over 20 training batches before validation
+             (lightningkd.callbacks.PreciseBatchNorm; torchvision's MobileNetV3 uses momentum 0.01).
+
+Arms are named entries of ``ARMS`` (a function of the teacher's channel count returning the distillers);
+a later distiller adds its own entry and reuses everything else.
+
+Usage:
+    python experiments/seg_protocol.py teacher --data-dir ../shared/data/camvid
+    python experiments/seg_protocol.py student --arm cwd --seed 0 --data-dir ../shared/data/camvid
+    python experiments/seg_protocol.py list
+(``experiments/run_camvid_protocol.sh`` runs the whole table.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import time
+from collections.abc import Callable
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from datamodules import CamVidDataModule  # noqa: E402
+from lightningkd.callbacks import PreciseBatchNorm  # noqa: E402
+from lightningkd.distillers import (  # noqa: E402
+    BPKD,
+    DIST,
+    ChannelWiseDivergence,
+    CIRKDMemory,
+    CIRKDMiniBatch,
+    Distiller,
+    PairwiseSimilarityKD,
+    PixelKD,
+)
+from lightningkd.models import TorchvisionSegmenter  # noqa: E402
+from lightningkd.modules import SegmentationDistillationModule  # noqa: E402
+
+MODEL = "lraspp_mobilenet_v3_large"
+NUM_CLASSES, IGNORE = 11, 11
+HEAD = "classifier.cbr"  # LRASPP's 128-channel head features at 1/16
+HEAD_CHANNELS = 128
+BATCH, STEPS_PER_EPOCH = 8, 367 // 8 + 1
+
+
+def _bpkd(**overrides) -> Callable[[], list[Distiller]]:
+    """A BPKD arm: the distiller's defaults with ``overrides``."""
+    return lambda: [BPKD(num_classes=NUM_CLASSES, ignore_index=IGNORE, **overrides)]
+
+
+def _cirkd() -> list[Distiller]:
+    # CIRKD's train_cirkd.py: pixel KD 1.0, mini-batch 1.0, memory 0.1 x (pixel-to-pixel + pixel-to-region)
+    return [
+        PixelKD(temperature=1.0, ignore_index=IGNORE),
+        CIRKDMiniBatch(student_layer=HEAD, teacher_layer=HEAD, temperature=0.1),
+        CIRKDMemory(
+            student_layer=HEAD,
+            teacher_layer=HEAD,
+            student_channels=HEAD_CHANNELS,
+            teacher_channels=HEAD_CHANNELS,
+            num_classes=NUM_CLASSES,
+            ignore_index=IGNORE,
+            weight=0.1,
+        ),
+    ]
+
+
+ARMS: dict[str, Callable[[], list[Distiller]]] = {
+    "student": lambda: [],
+    "pixel_kd": lambda: [PixelKD(temperature=1.0, ignore_index=IGNORE)],
+    "cwd": lambda: [ChannelWiseDivergence(temperature=4.0, weight=3.0)],
+    "dist": lambda: [DIST(beta=1.0, gamma=1.0, temperature=1.0)],
+    "skd": lambda: [PairwiseSimilarityKD(student_layer=HEAD, teacher_layer=HEAD, weight=0.5)],
+    "cirkd": _cirkd,
+    # BPKD: the distiller's defaults, then the ablation of its uncertain choices (README "Results")
+    "bpkd": _bpkd(),
+    "bpkd_edge_only": _bpkd(body_weight=0.0),
+    "bpkd_body_only": _bpkd(edge_weight=0.0),
+    "bpkd_T1": _bpkd(temperature=1.0),
+    "bpkd_width3": _bpkd(edge_width=3),
+    "bpkd_nonzero": _bpkd(count_mode="nonzero_count"),
+    "bpkd_postmask": _bpkd(mask_logits_before_softmax=False),
+    "bpkd_light": _bpkd(edge_weight=1.0, body_weight=1.0),
+    "bpkd_stride16": _bpkd(),  # same distiller; the teacher's logits average-pooled to 1/16 (below)
+}
+COARSE_TEACHER_ARMS = {"bpkd_stride16"}
+
+
+class CoarseLogits(nn.Module):
+    """Wrap a segmenter so that its logits come out average-pooled by 2 (stride 8 -> 16).
+
+    For the BPKD ablation "teacher logits at stride 8 vs 16" with one teacher: the distiller resizes the
+    pooled logits back to the student's grid, as it would a stride-16 teacher's.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> Tensor:
+        return F.avg_pool2d(self.model(images), 2, ceil_mode=True)
+
+
+def datamodule(data_dir: str, workers: int) -> CamVidDataModule:
+    return CamVidDataModule(
+        data_dir, crop_size=(128, 160), scale_range=(0.3, 0.6), batch_size=BATCH, num_workers=workers
+    )
+
+
+def build(arm: str, teacher_ckpt: str | None, epochs: int) -> SegmentationDistillationModule:
+    student = TorchvisionSegmenter(MODEL, NUM_CLASSES)
+    distillers = ARMS[arm]() if arm != "teacher" else []
+    teacher = None
+    if distillers:
+        if not teacher_ckpt or not os.path.exists(teacher_ckpt):
+            raise SystemExit(f"arm {arm!r} needs the teacher checkpoint; not found: {teacher_ckpt}")
+        teacher = TorchvisionSegmenter(MODEL, NUM_CLASSES, checkpoint=teacher_ckpt)
+        if arm in COARSE_TEACHER_ARMS:
+            teacher = CoarseLogits(teacher)
+    return SegmentationDistillationModule(
+        student,
+        teacher,
+        distillers,
+        num_classes=NUM_CLASSES,
+        ignore_index=IGNORE,
+        eval_scale=0.5,
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=1e-4),
+        lr_scheduler=functools.partial(
+            torch.optim.lr_scheduler.CosineAnnealingLR, T_max=epochs * STEPS_PER_EPOCH
+        ),
+        lr_scheduler_interval="step",
+    )
+
+
+def done(out_dir: str, arm: str, seed: int, epochs: int) -> bool:
+    """Whether results.jsonl already holds this run (the runner script can then be restarted)."""
+    path = os.path.join(out_dir, "results.jsonl")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return any((r["arm"], r["seed"], r["epochs"]) == (arm, seed, epochs) for r in rows)
+
+
+def run(args: argparse.Namespace, arm: str, seed: int, epochs: int) -> dict | None:
+    if arm != "teacher" and done(args.out_dir, arm, seed, epochs):
+        print(f"{arm} seed {seed} ({epochs} epochs) is already in results.jsonl; skipped")
+        return None
+    torch.set_num_threads(args.threads)
+    L.seed_everything(seed, workers=True)
+    teacher_ckpt = os.path.join(args.out_dir, "teacher.ckpt")
+    module = build(arm, teacher_ckpt, epochs)
+    name = "teacher" if arm == "teacher" else f"{arm}_seed{seed}"
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=args.out_dir, filename=name, enable_version_counter=False
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        logger=L.pytorch.loggers.CSVLogger(args.out_dir, name=name),
+        callbacks=[checkpoint, PreciseBatchNorm(num_batches=20)],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        check_val_every_n_epoch=max(1, epochs // 4) if arm == "teacher" else epochs,
+        num_sanity_val_steps=0,
+        log_every_n_steps=10,
+        limit_train_batches=args.limit_batches,
+        limit_val_batches=args.limit_batches,
+    )
+    start = time.time()
+    trainer.fit(module, datamodule=datamodule(args.data_dir, args.workers))
+    metrics = trainer.callback_metrics
+    result = {
+        "arm": arm,
+        "seed": seed,
+        "epochs": epochs,
+        "val_mIoU": float(metrics["val/mIoU"]),
+        "val_aAcc": float(metrics["val/aAcc"]),
+        "teacher_mIoU": float(metrics.get("val/teacher_mIoU", float("nan"))),
+        "minutes": round((time.time() - start) / 60, 2),
+    }
+    print(json.dumps(result), flush=True)
+    with open(os.path.join(args.out_dir, "results.jsonl"), "a") as f:
+        f.write(json.dumps(result) + "\n")
+    if arm != "teacher" and not args.keep_checkpoints:
+        os.remove(checkpoint.best_model_path)  # students are scored once; 13 MB each adds up
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("command", choices=["teacher", "student", "list"])
+    parser.add_argument("--data-dir", default="../shared/data/camvid", help="CamVid folder (SegNet layout)")
+    parser.add_argument("--arm", default="student", help=f"one of {sorted(ARMS)}")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=6, help="student epochs")
+    parser.add_argument("--teacher-epochs", type=int, default=60)
+    parser.add_argument("--out-dir", default="runs/camvid_protocol")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1, help="data loader processes")
+    parser.add_argument("--keep-checkpoints", action="store_true")
+    parser.add_argument("--limit-batches", type=int, default=None, help="smoke test: batches per epoch")
+    args = parser.parse_args()
+    if args.command == "list":
+        print("\n".join(sorted(ARMS)))
+        return
+    os.makedirs(args.out_dir, exist_ok=True)
+    if args.command == "teacher":
+        run(args, "teacher", 0, args.teacher_epochs)
+    else:
+        if args.arm not in ARMS:
+            raise SystemExit(f"unknown arm {args.arm!r}; valid: {sorted(ARMS)}")
+        run(args, args.arm, args.seed, args.epochs)
+
+
+if __name__ == "__main__":
+    main()
