@@ -34,7 +34,7 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
 from datamodules import CIFAR10DataModule  # noqa: E402
-from lightningkd.callbacks import KDWeightWarmup  # noqa: E402
+from lightningkd.callbacks import KDWeightWarmup, PreciseBatchNorm  # noqa: E402
 from lightningkd.distillers import DKD, KD  # noqa: E402
 from lightningkd.models import classifier  # noqa: E402
 from lightningkd.modules import ClassificationDistillationModule  # noqa: E402
@@ -42,8 +42,22 @@ from lightningkd.modules import ClassificationDistillationModule  # noqa: E402
 TEACHER, STUDENT = "resnet18", "shufflenet_v2_x0_5"
 
 
+class GradNormLog(L.Callback):
+    """Log the student's total gradient norm (before clipping) at the logging interval."""
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module, optimizer) -> None:
+        if pl_module.log_due():
+            norms = [p.grad.detach().norm() for p in pl_module.student.parameters() if p.grad is not None]
+            pl_module.log("train/grad_norm", torch.stack(norms).norm(), on_step=True, on_epoch=False)
+
+
 def build(
-    run: str, teacher_ckpt: str | None, epochs: int, steps: int, dkd_beta: float = 8.0
+    run: str,
+    teacher_ckpt: str | None,
+    epochs: int,
+    steps: int,
+    dkd_beta: float = 8.0,
+    warmup_fraction: float = 20 / 240,
 ) -> tuple[ClassificationDistillationModule, list]:
     student = classifier(TEACHER if run == "teacher" else STUDENT, num_classes=10)
     teacher, distillers, task_weight, callbacks = None, [], 1.0, []
@@ -55,8 +69,8 @@ def build(
         distillers, task_weight = [KD(temperature=4.0, weight=0.9)], 0.1
     elif run == "dkd":
         distillers = [DKD(alpha=1.0, beta=dkd_beta, temperature=4.0)]
-        # mdistiller ramps DKD over 20 of 240 epochs; the same fraction of this short run, counted in steps
-        callbacks.append(KDWeightWarmup(steps=max(1, round(steps * 20 / 240))))
+        # mdistiller ramps DKD over 20 of 240 epochs; by default the same fraction of this run, in steps
+        callbacks.append(KDWeightWarmup(steps=max(1, round(steps * warmup_fraction))))
     module = ClassificationDistillationModule(
         student,
         teacher,
@@ -85,6 +99,18 @@ def main() -> None:
         default=8.0,
         help="DKD beta (mdistiller: 8 for res32x4->res8x4, 2 for res56->res20)",
     )
+    parser.add_argument(
+        "--warmup-fraction", type=float, default=20 / 240, help="DKD warm-up, fraction of all steps"
+    )
+    parser.add_argument("--clip", type=float, default=None, help="gradient norm clipping (Trainer)")
+    parser.add_argument(
+        "--precise-bn",
+        type=int,
+        default=0,
+        help="recompute BatchNorm statistics over N batches before validation",
+    )
+    parser.add_argument("--log-every", type=int, default=50, help="log the loss terms every N steps")
+    parser.add_argument("--label", help="name of the run in results.jsonl (default: from --run)")
     parser.add_argument("--out-dir", default="runs/evidence")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -92,10 +118,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     L.seed_everything(args.seed, workers=True)
     module, callbacks = build(
-        args.run, args.teacher, args.epochs, args.epochs * args.train_batches, args.dkd_beta
+        args.run,
+        args.teacher,
+        args.epochs,
+        args.epochs * args.train_batches,
+        args.dkd_beta,
+        args.warmup_fraction,
     )
     data = CIFAR10DataModule(args.data_dir, batch_size=128, num_workers=2)
     label = args.run if args.run != "dkd" or args.dkd_beta == 8.0 else f"dkd_beta{args.dkd_beta:g}"
+    label = args.label or label
     name = f"{label}_seed{args.seed}"
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=args.out_dir, filename=name, enable_version_counter=False
@@ -105,8 +137,11 @@ def main() -> None:
         max_epochs=args.epochs,
         limit_train_batches=args.train_batches,
         logger=L.pytorch.loggers.CSVLogger(args.out_dir, name=name),
-        callbacks=[checkpoint, *callbacks],
+        callbacks=[checkpoint, GradNormLog(), *callbacks]
+        + ([PreciseBatchNorm(num_batches=args.precise_bn)] if args.precise_bn else []),
         enable_progress_bar=False,
+        gradient_clip_val=args.clip,
+        log_every_n_steps=args.log_every,
         deterministic=False,
     )
     start = time.time()

@@ -29,6 +29,11 @@ class DKD(Distiller):
     CIFAR-100, 1 on ImageNet). That factor is **not** part of this loss: add
     :class:`lightningkd.callbacks.KDWeightWarmup` (``epochs=20`` on CIFAR-100) to the trainer.
 
+    In short schedules (a few thousand steps or fewer) ``beta=8`` can wreck the student: the weighted
+    NCKD term is 5-15x the cross-entropy early on and the gradient norm spikes during the warm-up.
+    Clipping the gradient norm at 1.0 (``Trainer(gradient_clip_val=1.0)``) removed the collapse in the
+    project's measurement (README, "DKD in short schedules").
+
     Published settings (mdistiller configs): CIFAR-100 ``alpha=1, beta=8, temperature=4`` (res32x4 ->
     res8x4; ``beta=2`` for res56 -> res20, beta is tuned per pair), CE weight 1; ImageNet R34 -> R18
     ``alpha=1, beta=0.5, temperature=1``.
