@@ -3,16 +3,16 @@
 # seed-major so that a partial run is balanced; then the BPKD ablation on seeds 0-2. Two runs at a time,
 # one thread each (faster than one run on two threads on a 2-core machine).
 # Usage: bash experiments/run_camvid_protocol.sh [path/to/camvid]   (default ../shared/data/camvid)
-#        ARMS="student cwd" SEEDS="0 1" bash experiments/run_camvid_protocol.sh   (a subset)
+#        ARMS="student cwd" SEEDS="0 1" ABLATION="" bash experiments/run_camvid_protocol.sh   (a subset; empty: none)
 set -euo pipefail
 data=${1:-../shared/data/camvid}
 out=${OUT_DIR:-runs/camvid_protocol}
 py=${PYTHON:-python}
 jobs=${JOBS:-2}
-arms=${ARMS:-"student pixel_kd cwd dist skd cirkd bpkd"}
-seeds=${SEEDS:-"0 1 2 3 4"}
-ablation=${ABLATION:-"bpkd_light bpkd_edge_only bpkd_body_only bpkd_T1 bpkd_stride16 bpkd_width3 bpkd_nonzero bpkd_postmask"}
-ablation_seeds=${ABLATION_SEEDS:-"0 1 2"}
+arms=${ARMS-"student zero_weight pixel_kd cwd dist skd cirkd bpkd_previous bpkd"}
+seeds=${SEEDS-"0 1 2 3 4"}
+ablation=${ABLATION-"bpkd_light bpkd_light_T1 bpkd_edge_only bpkd_body_only bpkd_T1 bpkd_stride16 bpkd_width3 bpkd_nonzero bpkd_postmask"}
+ablation_seeds=${ABLATION_SEEDS-"0 1 2"}
 mkdir -p "$out"
 [ -f "$out/teacher.ckpt" ] || $py experiments/seg_protocol.py teacher --data-dir "$data" --out-dir "$out"
 {

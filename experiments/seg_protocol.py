@@ -49,7 +49,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from datamodules import CamVidDataModule  # noqa: E402
-from lightningkd.callbacks import PreciseBatchNorm  # noqa: E402
+from lightningkd.callbacks import PreciseBatchNorm, SegmentationPreview  # noqa: E402
 from lightningkd.distillers import (  # noqa: E402
     BPKD,
     DIST,
@@ -70,9 +70,14 @@ HEAD_CHANNELS = 128
 BATCH, STEPS_PER_EPOCH = 8, 367 // 8 + 1
 
 
+BPKD_PREVIOUS = {"edge_weight": 50.0, "body_weight": 20.0}
+"""BPKD's defaults before the ablation (the re-implementation's weights): the ablation's reference."""
+
+
 def _bpkd(**overrides) -> Callable[[], list[Distiller]]:
-    """A BPKD arm: the distiller's defaults with ``overrides``."""
-    return lambda: [BPKD(num_classes=NUM_CLASSES, ignore_index=IGNORE, **overrides)]
+    """A BPKD ablation arm: the previous defaults with ``overrides``."""
+    settings = {**BPKD_PREVIOUS, **overrides}
+    return lambda: [BPKD(num_classes=NUM_CLASSES, ignore_index=IGNORE, **settings)]
 
 
 def _cirkd() -> list[Distiller]:
@@ -94,13 +99,17 @@ def _cirkd() -> list[Distiller]:
 
 ARMS: dict[str, Callable[[], list[Distiller]]] = {
     "student": lambda: [],
+    # control: the teacher runs and a distiller is built, with weight 0 (same as the student alone?)
+    "zero_weight": lambda: [PixelKD(temperature=1.0, ignore_index=IGNORE, weight=0.0)],
     "pixel_kd": lambda: [PixelKD(temperature=1.0, ignore_index=IGNORE)],
     "cwd": lambda: [ChannelWiseDivergence(temperature=4.0, weight=3.0)],
     "dist": lambda: [DIST(beta=1.0, gamma=1.0, temperature=1.0)],
     "skd": lambda: [PairwiseSimilarityKD(student_layer=HEAD, teacher_layer=HEAD, weight=0.5)],
     "cirkd": _cirkd,
-    # BPKD: the distiller's defaults, then the ablation of its uncertain choices (README "Results")
-    "bpkd": _bpkd(),
+    # BPKD at the distiller's defaults (edge and body weights 0.1 since the ablation), then the ablation:
+    # the previous defaults (T 4, weights 50 / 20), and one uncertain choice changed at a time
+    "bpkd": lambda: [BPKD(num_classes=NUM_CLASSES, ignore_index=IGNORE)],
+    "bpkd_previous": _bpkd(),
     "bpkd_edge_only": _bpkd(body_weight=0.0),
     "bpkd_body_only": _bpkd(edge_weight=0.0),
     "bpkd_T1": _bpkd(temperature=1.0),
@@ -108,7 +117,8 @@ ARMS: dict[str, Callable[[], list[Distiller]]] = {
     "bpkd_nonzero": _bpkd(count_mode="nonzero_count"),
     "bpkd_postmask": _bpkd(mask_logits_before_softmax=False),
     "bpkd_light": _bpkd(edge_weight=1.0, body_weight=1.0),
-    "bpkd_stride16": _bpkd(),  # same distiller; the teacher's logits average-pooled to 1/16 (below)
+    "bpkd_light_T1": _bpkd(edge_weight=1.0, body_weight=1.0, temperature=1.0),
+    "bpkd_stride16": _bpkd(),  # the previous defaults; the teacher's logits average-pooled to 1/16 (below)
 }
 COARSE_TEACHER_ARMS = {"bpkd_stride16"}
 
@@ -136,14 +146,18 @@ def datamodule(data_dir: str, workers: int) -> CamVidDataModule:
 
 def build(arm: str, teacher_ckpt: str | None, epochs: int) -> SegmentationDistillationModule:
     student = TorchvisionSegmenter(MODEL, NUM_CLASSES)
-    distillers = ARMS[arm]() if arm != "teacher" else []
-    teacher = None
-    if distillers:
-        if not teacher_ckpt or not os.path.exists(teacher_ckpt):
-            raise SystemExit(f"arm {arm!r} needs the teacher checkpoint; not found: {teacher_ckpt}")
-        teacher = TorchvisionSegmenter(MODEL, NUM_CLASSES, checkpoint=teacher_ckpt)
-        if arm in COARSE_TEACHER_ARMS:
-            teacher = CoarseLogits(teacher)
+    # Pairing: the teacher and the distillers are built on a forked random stream, so every arm of a seed
+    # starts from the same student weights *and* draws the same crops in the same order as the student
+    # alone (a distiller that draws random numbers while training, CIRKD's memory, still diverges).
+    with torch.random.fork_rng():
+        distillers = ARMS[arm]() if arm != "teacher" else []
+        teacher = None
+        if distillers:
+            if not teacher_ckpt or not os.path.exists(teacher_ckpt):
+                raise SystemExit(f"arm {arm!r} needs the teacher checkpoint; not found: {teacher_ckpt}")
+            teacher = TorchvisionSegmenter(MODEL, NUM_CLASSES, checkpoint=teacher_ckpt)
+            if arm in COARSE_TEACHER_ARMS:
+                teacher = CoarseLogits(teacher)
     return SegmentationDistillationModule(
         student,
         teacher,
@@ -185,7 +199,8 @@ def run(args: argparse.Namespace, arm: str, seed: int, epochs: int) -> dict | No
         accelerator="cpu",
         max_epochs=epochs,
         logger=L.pytorch.loggers.CSVLogger(args.out_dir, name=name),
-        callbacks=[checkpoint, PreciseBatchNorm(num_batches=20)],
+        # the preview (4 val images: truth, teacher, student, BPKD masks) lands in the run's log folder
+        callbacks=[checkpoint, PreciseBatchNorm(num_batches=20), SegmentationPreview(num_images=4)],
         enable_progress_bar=False,
         enable_model_summary=False,
         check_val_every_n_epoch=max(1, epochs // 4) if arm == "teacher" else epochs,

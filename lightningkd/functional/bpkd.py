@@ -260,8 +260,8 @@ def bpkd_loss(
     teacher_logits: Tensor,
     target: Tensor,
     *,
-    edge_weight: float = 50.0,
-    body_weight: float = 20.0,
+    edge_weight: float = 0.1,
+    body_weight: float = 0.1,
     **kwargs: object,
 ) -> Tensor:
     """``body_weight * L_body + edge_weight * L_edge`` from :func:`bpkd_terms` (formulation unverified).
