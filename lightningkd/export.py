@@ -6,6 +6,7 @@ import contextlib
 import os
 import secrets
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -58,24 +59,26 @@ def export_student(
     checkpoint, output = os.fspath(checkpoint), os.fspath(output)
     if not os.path.exists(checkpoint):
         raise FileNotFoundError(f"Checkpoint {checkpoint!r} does not exist.")
-    _check_output(checkpoint, output, overwrite)
+    _check_output(output, overwrite, source=checkpoint)
     state = extract_state_dict(load_checkpoint_file(checkpoint), prefix=prefix)
     _save_atomically(state, output)
     return len(state)
 
 
-def _check_output(checkpoint: str, output: str, overwrite: bool) -> None:
+def _check_output(
+    output: str, overwrite: bool, source: str | None = None, example: str = "student.pt"
+) -> None:
     """Refuse outputs that would destroy something: the input, a training checkpoint, any file unasked."""
     if os.path.isdir(output) or output.endswith(("/", os.sep)):
         raise IsADirectoryError(
             f"The export output {output!r} is a folder: pass a file path, e.g. "
-            f"{os.path.join(output, 'student.pt')!r}."
+            f"{os.path.join(output, example)!r}."
         )
     if not os.path.exists(output):
         return
-    if os.path.samefile(checkpoint, output):
+    if source is not None and os.path.samefile(source, output):
         raise FileExistsError(
-            f"Refusing to export {checkpoint!r} over itself ({output!r} is the same file): pick another "
+            f"Refusing to export {source!r} over itself ({output!r} is the same file): pick another "
             "output path, e.g. student.pt beside it."
         )
     if is_lightning_checkpoint(_read_or_none(output)):
@@ -97,23 +100,29 @@ def _read_or_none(path: str) -> Any:
         return None
 
 
-def _save_atomically(obj: Any, output: str) -> None:
-    """``torch.save`` to a temporary file in the output's folder, then rename it to ``output``."""
+@contextlib.contextmanager
+def _written_beside(output: str, suffix: str = ".tmp") -> Iterator[str]:
+    """A temporary path in ``output``'s folder, renamed to ``output`` when the block succeeds, else removed."""
     folder = os.path.dirname(os.path.abspath(output))
     os.makedirs(folder, exist_ok=True)
-    temporary = os.path.join(folder, f".{os.path.basename(output)}.{secrets.token_hex(6)}.tmp")
-    # O_EXCL: never reuse an existing file; mode 0o666 minus the umask, as a plain open() would give
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    temporary = os.path.join(folder, f".{os.path.basename(output)}.{secrets.token_hex(6)}{suffix}")
     try:
+        yield temporary
+        os.replace(temporary, output)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+
+
+def _save_atomically(obj: Any, output: str) -> None:
+    """``torch.save`` to a temporary file in the output's folder, then rename it to ``output``."""
+    with _written_beside(output) as temporary:
+        # O_EXCL: never reuse an existing file; mode 0o666 minus the umask, as a plain open() would give
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(descriptor, "wb") as file:
             torch.save(obj, file)
             file.flush()
             os.fsync(file.fileno())
-        os.replace(temporary, output)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temporary)
-        raise
 
 
 OnnxOutputs = list[np.ndarray]
@@ -162,17 +171,13 @@ def export_onnx(
         The largest absolute difference found by the check (``None`` without ``check``).
 
     Raises:
-        FileExistsError: ``output`` exists and ``overwrite`` is false.
+        IsADirectoryError: ``output`` is a folder.
+        FileExistsError: ``output`` is a Lightning checkpoint, or exists and ``overwrite`` is false.
         ValueError: the example is not a 4-D batch, or a detector example holds more than one image.
         AssertionError: onnxruntime's outputs differ from PyTorch's beyond the tolerance.
     """
     output = os.fspath(output)
-    if os.path.isdir(output):
-        raise IsADirectoryError(
-            f"The ONNX output {output!r} is a folder: pass a file path such as student.onnx."
-        )
-    if os.path.exists(output) and not overwrite:
-        raise FileExistsError(f"{output!r} already exists: pass --overwrite (overwrite=True) to replace it.")
+    _check_output(output, overwrite, example="student.onnx")
     if example.dim() != 4:
         raise ValueError(f"example must be a batch (N, C, H, W); got shape {tuple(example.shape)}.")
     detector = _is_torchvision_detector(model)
@@ -188,10 +193,7 @@ def export_onnx(
         if detector
         else {"images": {0: "batch", 2: "height", 3: "width"}}
     )
-    folder = os.path.dirname(os.path.abspath(output))
-    os.makedirs(folder, exist_ok=True)
-    temporary = os.path.join(folder, f".{os.path.basename(output)}.{secrets.token_hex(6)}.tmp.onnx")
-    try:
+    with _written_beside(output, suffix=".tmp.onnx") as temporary:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TorchScript tracer warnings on torchvision's detection code
             torch.onnx.export(
@@ -205,10 +207,6 @@ def export_onnx(
                 opset_version=opset_version,
             )
         difference = _check_onnx(model, args, temporary, names, rtol, atol) if check else None
-        os.replace(temporary, output)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temporary)
     return difference
 
 

@@ -79,6 +79,19 @@ def test_an_existing_output_needs_overwrite(tmp_path) -> None:
     assert (tmp_path / "cls.onnx").read_bytes()[:4] != b"mine"
 
 
+def test_a_lightning_checkpoint_is_never_overwritten_even_with_overwrite(tmp_path) -> None:
+    torch.save({"state_dict": {}, "pytorch-lightning_version": "2.6.6"}, tmp_path / "run.ckpt")
+    before = (tmp_path / "run.ckpt").read_bytes()
+    with pytest.raises(FileExistsError, match="it is a Lightning checkpoint"):
+        export_onnx(toy_classifier(width=6), tmp_path / "run.ckpt", torch.rand(1, 3, 8, 8), overwrite=True)
+    assert (tmp_path / "run.ckpt").read_bytes() == before
+
+
+def test_a_folder_output_is_refused_with_an_onnx_suggestion(tmp_path) -> None:
+    with pytest.raises(IsADirectoryError, match="student.onnx"):
+        export_onnx(toy_classifier(width=6), tmp_path, torch.rand(1, 3, 8, 8))
+
+
 def test_a_mismatching_onnx_file_is_not_written(tmp_path, monkeypatch) -> None:
     real = export_module.run_onnx
     monkeypatch.setattr(export_module, "run_onnx", lambda path, images: [o + 0.5 for o in real(path, images)])
