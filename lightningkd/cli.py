@@ -240,6 +240,13 @@ errors print their root cause; add --traceback (or set {TRACEBACK_VARIABLE}=1) f
 """
 
 
+def _release_process_group() -> None:
+    # Lightning leaves a DDP process group alive after fit; gloo's threads then die at interpreter exit and
+    # abort the process ("terminate called without an active exception"), so a finished run exits non-zero.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``lightningkd`` console script and of ``python -m lightningkd``."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -258,6 +265,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             if argv is None:
                 sys.argv = [sys.argv[0], *args]  # without --traceback, which LightningCLI does not know
             lightning_cli(None if argv is None else args)
+            _release_process_group()
     except BrokenPipeError:  # `lightningkd layers ... | head` closed the pipe: not an error of the command
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python exits
         sys.exit(0)

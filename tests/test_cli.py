@@ -237,3 +237,14 @@ def test_recipe_errors_print_the_root_cause_first(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert err.startswith("error: the recipe or the command line does not parse") and "temprature" in err
     assert "usage:" not in err and "Given value" not in err
+
+
+def test_a_finished_command_releases_the_process_group(tmp_path) -> None:
+    from lightningkd.cli import _release_process_group
+
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    assert torch.distributed.is_initialized()
+    _release_process_group()
+    assert not torch.distributed.is_initialized()
+    _release_process_group()  # nothing to release: no error

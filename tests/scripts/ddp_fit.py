@@ -45,11 +45,15 @@ def main(out_dir: str) -> None:
         "teacher_unchanged": all(torch.equal(teacher_before[k], v) for k, v in teacher.state_dict().items()),
         "teacher_eval": not teacher.training,
         "teacher_grads": [p.grad is not None for p in teacher.parameters()].count(True),
-        "student_sum": float(sum(p.double().sum() for p in student.parameters())),
-        "adapter_sum": float(sum(p.double().sum() for p in module.distillers.parameters())),
+        "student_sum": float(sum(p.detach().double().sum() for p in student.parameters())),
+        "adapter_sum": float(sum(p.detach().double().sum() for p in module.distillers.parameters())),
     }
     with open(f"{out_dir}/rank{rank}.json", "w") as f:
         json.dump(report, f)
+    # Lightning leaves the gloo group alive; tearing it down here, once both ranks are done, keeps its
+    # threads from being killed at interpreter exit ("terminate called without an active exception").
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
