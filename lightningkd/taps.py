@@ -15,6 +15,9 @@ Features = Mapping[str, Tensor]
 OUTPUT = "output"
 """Key of the model's own output in :data:`Features` (always present, never a layer name)."""
 
+ITEM_SEPARATOR = ":"
+"""``"<layer>:<key>"`` taps one entry of a layer that returns a dict, e.g. an FPN level ``"backbone:p6"``."""
+
 
 def list_layers(model: nn.Module) -> list[str]:
     """Return the names of every tappable layer of ``model`` (its ``named_modules()`` paths).
@@ -67,6 +70,10 @@ class FeatureTap:
     and the model's own output under ``"output"``. Stored features are cleared at every call, so nothing
     from a previous batch leaks into the next.
 
+    A name ``"<layer>:<key>"`` records the entry ``key`` of a layer that returns a dict (the FPN levels of
+    a torchvision detector's ``backbone``: ``"backbone:0"`` ... ``"backbone:pool"``); a key the layer does
+    not return fails at the first call with the keys it does return.
+
     Args:
         model: any ``nn.Module``; it is not modified apart from the hooks.
         layers: ``named_modules()`` paths to record. ``"output"`` is always available and need not be named.
@@ -87,7 +94,14 @@ class FeatureTap:
         self.model = model
         self.layers = tuple(dict.fromkeys(name for name in layers if name != OUTPUT))
         modules = dict(model.named_modules())
-        unknown = [name for name in self.layers if name not in modules or name == ""]
+        # one hook per module, storing every name (whole output or one entry) read from that module
+        by_module: dict[str, list[tuple[str, str | None]]] = {}
+        unknown = []
+        for name in self.layers:
+            module_name, sep, key = name.partition(ITEM_SEPARATOR)
+            if module_name not in modules or module_name == "":
+                unknown.append(name)
+            by_module.setdefault(module_name, []).append((name, key if sep else None))
         if unknown:
             raise ValueError(
                 f"Unknown layer name(s) {unknown} for {type(model).__name__}. Valid names: "
@@ -96,18 +110,47 @@ class FeatureTap:
         self.features: dict[str, Any] = {}
         # partial of a method (not a closure) keeps the hooked model picklable and deep-copyable
         self._handles = [
-            modules[name].register_forward_hook(partial(self._store, name)) for name in self.layers
+            modules[module_name].register_forward_hook(partial(self._store, module_name, tuple(names)))
+            for module_name, names in by_module.items()
         ]
 
-    def _store(self, name: str, module: nn.Module, inputs: Any, output: Any) -> None:
-        self.features[name] = output
+    def _store(
+        self,
+        module_name: str,
+        names: tuple[tuple[str, str | None], ...],
+        module: nn.Module,
+        inputs: Any,
+        output: Any,
+    ) -> None:
+        for name, key in names:
+            if key is None:
+                self.features[name] = output
+            elif isinstance(output, Mapping) and key in output:
+                self.features[name] = output[key]
+            else:
+                keys = list(output) if isinstance(output, Mapping) else None
+                raise KeyError(
+                    f"Layer {name!r}: {module_name!r} returns "
+                    + (f"the keys {keys}" if keys is not None else f"a {type(output).__name__}, not a dict")
+                    + f"; name one of them after {ITEM_SEPARATOR!r}"
+                    + (f" (e.g. {module_name}{ITEM_SEPARATOR}{keys[0]})." if keys else ".")
+                )
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return self.run(self.model, *args, **kwargs)
+
+    def run(self, fn: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Call ``fn`` (the model, or a part of it such as its backbone) and return the features it tapped.
+
+        ``"output"`` is what ``fn`` returns. Layers that ``fn`` does not run are absent from the result.
+        """
         self.features = {}
-        output = self.model(*args, **kwargs)
-        features = dict(self.features)
+        try:
+            output = fn(*args, **kwargs)
+            features = dict(self.features)
+        finally:
+            self.features = {}
         features[OUTPUT] = output
-        self.features = {}
         return features
 
     def remove(self) -> None:

@@ -83,3 +83,49 @@ def test_describe_layers_prints_shapes() -> None:
     text = describe_layers(toy_classifier(width=6), torch.zeros(1, 3, 8, 8))
     line = next(row for row in text.splitlines() if row.startswith("block "))
     assert line.split() == ["block", "Sequential", "(1,", "6,", "4,", "4)"]
+
+
+class DictOut(nn.Module):
+    """Returns a dict of two maps, like a detector's FPN backbone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        y = self.body(x)
+        return {"0": y, "pool": y[..., ::2, ::2]}
+
+
+class Holder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = DictOut()
+
+    def forward(self, x):
+        return self.backbone(x)["0"].sum()
+
+
+def test_colon_names_tap_one_entry_of_a_dict_output() -> None:
+    tap = FeatureTap(Holder(), ["backbone:pool", "backbone:0", "backbone"])
+    features = tap(torch.zeros(1, 3, 4, 6))
+    assert features["backbone:pool"].shape == (1, 4, 2, 3)
+    assert features["backbone:0"].shape == (1, 4, 4, 6)
+    assert set(features["backbone"]) == {"0", "pool"}
+
+
+def test_colon_name_of_a_missing_entry_lists_the_entries() -> None:
+    tap = FeatureTap(Holder(), ["backbone:p7"])
+    with pytest.raises(KeyError, match=r"returns the keys \['0', 'pool'\].*backbone:0"):
+        tap(torch.zeros(1, 3, 4, 4))
+    with pytest.raises(ValueError, match="Unknown layer name"):
+        FeatureTap(Holder(), ["neck:0"])
+
+
+def test_run_calls_a_part_of_the_model_and_keeps_what_it_tapped() -> None:
+    model = Holder()
+    tap = FeatureTap(model, ["backbone.body", "backbone:0"])
+    features = tap.run(model.backbone, torch.zeros(1, 3, 2, 2))
+    assert set(features) == {"backbone.body", "backbone:0", "output"}
+    assert set(features["output"]) == {"0", "pool"}
+    assert tap.features == {}
