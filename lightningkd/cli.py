@@ -6,6 +6,7 @@ plain LightningCLI configs: any LightningCLI built on ``DistillationModule`` run
     lightningkd fit --config recipes/classification/kd/shufflenet_v2_x0_5_from_resnet18_synthetic.yaml
     lightningkd fit --config recipe.yaml --config recipes/trainer/gpu_bf16.yaml
     lightningkd layers --model resnet18 --num_classes 10 --small_input --input_size 3 32 32
+    lightningkd layers --model retinanet_resnet18_fpn --num_classes 20 --input_size 3 512 512
     lightningkd layers --config recipe.yaml
     lightningkd export path/to/last.ckpt student.pt
 """
@@ -13,10 +14,11 @@ plain LightningCLI configs: any LightningCLI built on ``DistillationModule`` run
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -27,18 +29,26 @@ import yaml  # noqa: E402
 from jsonargparse import ArgumentError, ArgumentParser  # noqa: E402
 from lightning.pytorch import LightningDataModule  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
+from torchvision.models.detection.transform import GeneralizedRCNNTransform  # noqa: E402
 
 from lightningkd.callbacks import InterruptCheckpoint, NoOverwrite  # noqa: E402
 from lightningkd.checkpoint_io import check_checkpoint_file, load_checkpoint_file  # noqa: E402
 from lightningkd.export import export_onnx, export_student  # noqa: E402
-from lightningkd.models import MMSegSegmenter, TorchvisionSegmenter, classifier  # noqa: E402
+from lightningkd.models import (  # noqa: E402
+    MMSegSegmenter,
+    TorchvisionSegmenter,
+    classifier,
+    detector,
+    detector_names,
+    fpn_levels,
+)
 from lightningkd.models.weights import (  # noqa: E402
     STUDENT_PREFIX,
     extract_state_dict,
     load_state_dict_checked,
 )
 from lightningkd.modules.base import DistillationModule  # noqa: E402
-from lightningkd.taps import describe_layers  # noqa: E402
+from lightningkd.taps import ITEM_SEPARATOR, describe_layers  # noqa: E402
 
 
 class DistillationCLI(LightningCLI):
@@ -96,24 +106,41 @@ def _layers(argv: Sequence[str]) -> None:
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
-        "--model", help="torchvision or timm classifier, or torchvision segmentation model, e.g. resnet18"
+        "--model",
+        help="torchvision or timm classifier (resnet18), torchvision segmentation model (deeplabv3_resnet50) "
+        "or detector (retinanet_resnet18_fpn; lightningkd.models.detector_names())",
     )
     source.add_argument("--mmseg", help="mmsegmentation config name or file, e.g. pspnet/pspnet_r18-d8_...")
     source.add_argument(
         "--config", action="append", help="a recipe: lists the student's and teacher's layers"
     )
-    parser.add_argument("--num_classes", type=int, default=1000)
+    parser.add_argument(
+        "--num_classes",
+        type=int,
+        default=None,
+        help=f"classes of the head (default {_DEFAULT_CLASSES}; detectors: foreground classes, default "
+        f"{_DEFAULT_DETECTOR_CLASSES})",
+    )
     parser.add_argument(
         "--small_input", action="store_true", help="CIFAR stem (3x3 stride-1 conv, no max-pool)"
     )
     parser.add_argument(
-        "--input_size", type=int, nargs=3, metavar=("C", "H", "W"), help="print output shapes"
+        "--input_size",
+        type=int,
+        nargs=3,
+        metavar=("C", "H", "W"),
+        help="print output shapes (detectors run on one C x H x W image, without their own resize)",
     )
     ns = parser.parse_args(list(argv))
     example = torch.zeros(1, *ns.input_size) if ns.input_size else None
     if ns.model or ns.mmseg:
+        is_detector = ns.model in detector_names()
+        if ns.num_classes is None:
+            ns.num_classes = _DEFAULT_DETECTOR_CLASSES if is_detector else _DEFAULT_CLASSES
         if ns.mmseg:
             model = MMSegSegmenter(ns.mmseg, num_classes=ns.num_classes)
+        elif is_detector:
+            model = detector(ns.model, num_classes=ns.num_classes)
         elif ns.model in torchvision.models.list_models(module=torchvision.models.segmentation):
             model = TorchvisionSegmenter(ns.model, num_classes=ns.num_classes)
         else:
@@ -128,10 +155,19 @@ def _layers(argv: Sequence[str]) -> None:
             print(_describe(model, example, who))
 
 
+_DEFAULT_CLASSES = 1000
+_DEFAULT_DETECTOR_CLASSES = 3
+
+
 def _describe(model: torch.nn.Module, example: torch.Tensor | None, name: str) -> str:
-    """``describe_layers`` with an input-size error that names the expected channels."""
+    """``describe_layers`` with an input-size error that names the expected channels.
+
+    A torchvision detector runs on ``[example[0]]`` (its forward takes a list of images) with its own
+    resize switched off, so the shapes are those of an image of the given size (as the distillation module
+    feeds it); the FPN levels' tap names close the table.
+    """
     if example is None:
-        return describe_layers(model)
+        return describe_layers(model) + _fpn_line(model)
     first = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
     if first is not None and first.in_channels != example.shape[1]:
         raise ValueError(
@@ -139,7 +175,8 @@ def _describe(model: torch.nn.Module, example: torch.Tensor | None, name: str) -
             f"{first.in_channels}: use --input_size {first.in_channels} {example.shape[2]} {example.shape[3]}."
         )
     try:
-        return describe_layers(model, example)
+        with _as_given(model, example) as model_input:
+            return describe_layers(model, model_input) + _fpn_line(model, shapes=True)
     except (RuntimeError, AssertionError, ValueError) as err:  # conv shape errors, timm's size asserts
         raise ValueError(
             f"{name} cannot run on an input of shape {tuple(example.shape)} (--input_size "
@@ -147,10 +184,40 @@ def _describe(model: torch.nn.Module, example: torch.Tensor | None, name: str) -
         ) from None
 
 
+@contextlib.contextmanager
+def _as_given(model: torch.nn.Module, example: torch.Tensor) -> Iterator[Any]:
+    """The input ``model`` takes for ``example``: a detector gets a list of one image, kept at its size."""
+    transform = getattr(model, "transform", None)
+    if not isinstance(transform, GeneralizedRCNNTransform):
+        yield example
+        return
+    saved = transform.min_size, transform.max_size
+    height, width = example.shape[-2:]
+    transform.min_size, transform.max_size = (min(height, width),), max(height, width)  # scale 1: no resize
+    try:
+        yield [example[0]]
+    finally:
+        transform.min_size, transform.max_size = saved
+
+
+def _fpn_line(model: torch.nn.Module, shapes: bool = False) -> str:
+    """Lines naming the FPN levels of a torchvision detector as taps (``""`` for other models)."""
+    try:
+        levels = fpn_levels(model)
+    except TypeError:
+        return ""
+    names = ", ".join(f"backbone{ITEM_SEPARATOR}{level}" for level in levels)
+    line = f"\nFPN levels (tap one as backbone{ITEM_SEPARATOR}<level>): {names}"
+    if shapes:
+        line += "\n(modules that run once per level, such as the heads' convolutions, show the last level's shape)"
+    return line
+
+
 def _model_from_configs(paths: Sequence[str]) -> DistillationModule:
     """Build only the ``model:`` section of one or more recipes (later files override earlier ones).
 
-    Weight files are not loaded: they do not change the layer names, and need not exist yet.
+    Weight files are not loaded: they do not change the layer names, and need not exist yet. Without its
+    backbone weights a detector trains every backbone layer, so ``trainable_backbone_layers`` goes too.
     """
     merged: dict = {}
     for path in paths:
@@ -160,7 +227,7 @@ def _model_from_configs(paths: Sequence[str]) -> DistillationModule:
         raise ValueError(f"No 'model:' section in {list(paths)}.")
     for who in ("student", "teacher"):
         init = (merged.get("init_args", {}).get(who) or {}).get("init_args", {})
-        for key in ("checkpoint", "backbone_checkpoint"):
+        for key in ("checkpoint", "backbone_checkpoint", "trainable_backbone_layers"):
             if init.get(key) is not None:
                 init[key] = None
     parser = ArgumentParser(exit_on_error=False)

@@ -248,3 +248,72 @@ def test_a_finished_command_releases_the_process_group(tmp_path) -> None:
     _release_process_group()
     assert not torch.distributed.is_initialized()
     _release_process_group()  # nothing to release: no error
+
+
+def test_layers_command_lists_detector_levels_and_shapes(capsys) -> None:
+    main(["layers", "--model", "retinanet_resnet18_fpn", "--input_size", "3", "64", "64"])
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split(maxsplit=1)[1] for line in out.splitlines()}
+    # the image keeps its 64 x 64 size (no resize to min_size=800): strides 8 ... 128
+    assert rows["backbone"] == (
+        "BackboneWithFPN  {0: (1, 256, 8, 8), 1: (1, 256, 4, 4), 2: (1, 256, 2, 2), "
+        "p6: (1, 256, 1, 1), p7: (1, 256, 1, 1)}"
+    )
+    assert rows["backbone.body.layer4"] == "Sequential  (1, 512, 2, 2)"
+    assert rows["head.classification_head.cls_logits"].startswith("Conv2d  (1, 36,")  # 9 anchors x (3 + 1)
+    assert (
+        "FPN levels (tap one as backbone:<level>): backbone:0, backbone:1, backbone:2, backbone:p6, backbone:p7"
+        in out.splitlines()
+    )
+
+
+def test_layers_command_detector_without_shapes(capsys) -> None:
+    main(["layers", "--model", "fasterrcnn_resnet18_fpn", "--num_classes", "5"])
+    out = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split()[1:] for line in out}
+    assert rows["roi_heads.box_predictor.cls_score"] == ["Linear"]
+    assert out[-1].endswith("backbone:0, backbone:1, backbone:2, backbone:3, backbone:pool")
+
+
+def test_layers_keeps_the_detector_transform_settings() -> None:
+    from lightningkd.cli import _describe
+    from lightningkd.models import detector
+
+    model = detector("fcos_resnet18_fpn", num_classes=2, fpn_channels=64)
+    text = _describe(model, torch.zeros(1, 3, 64, 96), "fcos")
+    assert "{0: (1, 64, 8, 12)," in text
+    assert model.transform.min_size == (800,) and model.transform.max_size == 1333
+
+
+DETECTION_RECIPE = """
+model:
+  class_path: lightningkd.modules.DetectionDistillationModule
+  init_args:
+    num_classes: 3
+    student:
+      class_path: lightningkd.models.detector
+      init_args:
+        name: retinanet_mobilenet_v3_large_fpn
+        num_classes: 3
+        backbone_checkpoint: missing/mobilenet_v3_large.pth
+        trainable_backbone_layers: 3
+    teacher:
+      class_path: lightningkd.models.detector
+      init_args:
+        name: retinanet_resnet50_fpn
+        num_classes: 3
+        checkpoint: missing/teacher.ckpt
+"""
+
+
+@pytest.mark.slow
+def test_layers_command_reads_a_detection_recipe_without_its_weight_files(tmp_path, capsys) -> None:
+    (tmp_path / "det.yaml").write_text(DETECTION_RECIPE)
+    main(["layers", "--config", str(tmp_path / "det.yaml"), "--input_size", "3", "64", "96"])
+    student, teacher = capsys.readouterr().out.split("== teacher")
+    assert "== student: RetinaNet" in student and ": RetinaNet" in teacher
+    assert "backbone.body.16" in student and "(1, 960, 2, 3)" in student  # MobileNetV3's last block
+    assert "backbone.body.layer4.2.conv3" in teacher and "(1, 2048, 2, 3)" in teacher
+    for part in (student, teacher):
+        assert "{0: (1, 256, 8, 12), 1: (1, 256, 4, 6), 2: (1, 256, 2, 3), p6: (1, 256, 1, 2)," in part
+        assert "backbone:0, backbone:1, backbone:2, backbone:p6, backbone:p7" in part
