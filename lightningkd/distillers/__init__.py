@@ -7,10 +7,14 @@ from lightningkd.distillers.cirkd import CIRKDMemory, CIRKDMiniBatch
 from lightningkd.distillers.cwd import CWD, ChannelWiseDivergence
 from lightningkd.distillers.dist import DIST
 from lightningkd.distillers.dkd import DKD
+from lightningkd.distillers.fgd import FGD
 from lightningkd.distillers.fitnet import FitNet
 from lightningkd.distillers.kd import KD
+from lightningkd.distillers.mgd import MGD
 from lightningkd.distillers.nd import ND
+from lightningkd.distillers.per_level import PerLevel
 from lightningkd.distillers.pixel_kd import PixelKD
+from lightningkd.distillers.pkd import PKD
 from lightningkd.distillers.rkd import RKD
 from lightningkd.distillers.skd import SKD, PairwiseSimilarityKD
 
@@ -26,6 +30,10 @@ __all__ = [
     "PixelKD",
     "DIST",
     "DKD",
+    "FGD",
+    "MGD",
+    "PKD",
+    "PerLevel",
     "KD",
     "ND",
     "RKD",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightningkd.adapters import ConvAdapter
 from lightningkd.distillers.base import OUTPUT, Distiller, Features
@@ -33,7 +33,10 @@ class ChannelWiseDivergence(Distiller):
 
     Published settings: paper / TorchDistiller ``exp_cwd.sh`` (Cityscapes, PSPNet-R101 -> R18 logits):
     ``temperature=4``, ``weight=3``; mmrazor's segmentation config: ``temperature=1``, ``weight=5`` on the
-    logits; mmrazor's detection configs: ``temperature=1``, ``weight=10`` per FPN level.
+    logits; mmrazor's detection configs: ``temperature=1``, ``weight=10`` per FPN level. On detector
+    features, give it as the template of :class:`~lightningkd.distillers.PerLevel` (one CWD per FPN level,
+    summed, each with its own adapter): ``PerLevel(distiller=CWD(temperature=1.0, weight=10.0),
+    levels=[...])``.
 
     Args:
         temperature: tau > 0 (paper: 4).
@@ -98,6 +101,14 @@ class ChannelWiseDivergence(Distiller):
             and student_channels != teacher_channels
         ):
             self.adapter = ConvAdapter(student_channels, teacher_channels, kernel_size=1, relu=relu)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise the adapter (if any) with PyTorch's default init and fresh BatchNorm statistics
+        (:class:`~lightningkd.distillers.PerLevel` calls this on every level's copy)."""
+        if self.adapter is not None:
+            for layer in self.adapter:
+                if isinstance(layer, (nn.Conv2d, nn.BatchNorm2d)):
+                    layer.reset_parameters()
 
     def forward(self, student: Features, teacher: Features, batch: Mapping[str, Any] | None = None) -> Tensor:
         s, t = self.read_pair(student, teacher)

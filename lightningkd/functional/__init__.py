@@ -6,10 +6,13 @@ from lightningkd.functional.cirkd import cirkd_memory_terms, cirkd_minibatch_los
 from lightningkd.functional.cwd import cwd_loss
 from lightningkd.functional.dist import dist_loss, dist_terms
 from lightningkd.functional.dkd import dkd_loss, dkd_terms
+from lightningkd.functional.fgd import fgd_attention, fgd_loss, fgd_masks, fgd_terms
 from lightningkd.functional.fitnet import fitnet_loss
 from lightningkd.functional.kd import kd_loss
+from lightningkd.functional.mgd import mgd_keep_mask, mgd_loss
 from lightningkd.functional.nd import nd_loss
 from lightningkd.functional.pixel_kd import pixel_kd_loss
+from lightningkd.functional.pkd import pkd_loss, pkd_standardize
 from lightningkd.functional.rkd import rkd_angle_loss, rkd_distance_loss, rkd_loss, rkd_terms
 from lightningkd.functional.skd import skd_loss
 
@@ -26,10 +29,18 @@ __all__ = [
     "dist_terms",
     "dkd_loss",
     "dkd_terms",
+    "fgd_attention",
+    "fgd_loss",
+    "fgd_masks",
+    "fgd_terms",
     "fitnet_loss",
     "kd_loss",
+    "mgd_keep_mask",
+    "mgd_loss",
     "nd_loss",
     "pixel_kd_loss",
+    "pkd_loss",
+    "pkd_standardize",
     "rkd_angle_loss",
     "rkd_distance_loss",
     "rkd_loss",
