@@ -20,7 +20,7 @@ ALLOWED: dict[str, set[str]] = {
     "adapters": {"functional"},
     "distillers": {"taps", "functional", "adapters"},
     "models": {"checkpoint_io"},
-    "modules": {"taps", "functional", "adapters", "distillers", "checkpoint_io", "teacher"},
+    "modules": {"taps", "functional", "adapters", "distillers", "checkpoint_io", "teacher", "models"},
     "callbacks": {"taps", "functional", "adapters", "distillers", "checkpoint_io", "teacher", "modules"},
     "export": {"checkpoint_io", "models"},
     "cli": {"taps", "callbacks", "models", "modules", "export", "checkpoint_io"},

@@ -1,6 +1,7 @@
 """Lightning callbacks for distillation runs."""
 
 from lightningkd.callbacks.centers import NDClassCenters, class_centers, load_class_centers
+from lightningkd.callbacks.det_preview import DetectionPreview
 from lightningkd.callbacks.interrupt import InterruptCheckpoint
 from lightningkd.callbacks.overwrite import NoOverwrite
 from lightningkd.callbacks.precise_bn import PreciseBatchNorm, recompute_batchnorm
@@ -9,6 +10,7 @@ from lightningkd.callbacks.summary import MetricsSummary
 from lightningkd.callbacks.warmup import KDWeightWarmup
 
 __all__ = [
+    "DetectionPreview",
     "InterruptCheckpoint",
     "KDWeightWarmup",
     "MetricsSummary",

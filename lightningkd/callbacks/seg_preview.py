@@ -15,12 +15,12 @@ from torch import Tensor
 from torchvision.utils import save_image
 
 # layout of the picture, in pixels (the figure is drawn at 100 dpi, so 1 inch = 100 px)
-_DPI = 100
-_MIN_TILE_WIDTH = 128  # narrower tiles are enlarged by a whole factor so that the column titles fit
-_GAP = 4  # white space between tiles
-_MARGIN = 6  # white space around the grid
-_TITLE_BAND = 24  # room above the grid for the column titles
-_FONT_SIZE = 10
+DPI = 100
+MIN_TILE_WIDTH = 128  # narrower tiles are enlarged by a whole factor so that the column titles fit
+GAP = 4  # white space between tiles
+MARGIN = 6  # white space around the grid
+TITLE_BAND = 24  # room above the grid for the column titles
+FONT_SIZE = 10
 
 
 class SegmentationPreview(L.Callback):
@@ -178,14 +178,14 @@ def _draw(
     from matplotlib.patches import Patch, Rectangle
 
     rows, cols, _, h, w = tiles.shape
-    scale = max(1, math.ceil(_MIN_TILE_WIDTH / w))
+    scale = max(1, math.ceil(MIN_TILE_WIDTH / w))
     tile_h, tile_w = h * scale, w * scale
-    width = 2 * _MARGIN + cols * tile_w + (cols - 1) * _GAP
-    grid_h = rows * tile_h + (rows - 1) * _GAP
+    width = 2 * MARGIN + cols * tile_w + (cols - 1) * GAP
+    grid_h = rows * tile_h + (rows - 1) * GAP
     # uint8 pixels go to the canvas unchanged (floats would be truncated, not rounded, to bytes)
     pixels = (tiles * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 1, 3, 4, 2).numpy()
 
-    fig = Figure(figsize=(width / _DPI, 1.0), dpi=_DPI, facecolor="white")
+    fig = Figure(figsize=(width / DPI, 1.0), dpi=DPI, facecolor="white")
     canvas = FigureCanvasAgg(fig)
     handles = [Patch(facecolor=np.array(c) / 255, edgecolor="0.5", linewidth=0.5) for _, c in legend]
     labels = [name for name, _ in legend]
@@ -195,23 +195,23 @@ def _draw(
         if box is not None:
             box.remove()
         box = fig.legend(
-            handles, labels, loc="upper center", ncol=ncol, frameon=False, fontsize=_FONT_SIZE - 1,
+            handles, labels, loc="upper center", ncol=ncol, frameon=False, fontsize=FONT_SIZE - 1,
             handlelength=1.2, columnspacing=1.2, borderaxespad=0.0,
         )  # fmt: skip
         extent = box.get_window_extent(canvas.get_renderer())
-        if extent.width <= width - 2 * _MARGIN or ncol == 1:
+        if extent.width <= width - 2 * MARGIN or ncol == 1:
             break
     legend_h = math.ceil(extent.height)
-    height = _TITLE_BAND + grid_h + _MARGIN + legend_h + _MARGIN
-    fig.set_size_inches(width / _DPI, height / _DPI)
-    box.set_bbox_to_anchor((0.5, 1 - (_TITLE_BAND + grid_h + _MARGIN) / height), transform=fig.transFigure)
+    height = TITLE_BAND + grid_h + MARGIN + legend_h + MARGIN
+    fig.set_size_inches(width / DPI, height / DPI)
+    box.set_bbox_to_anchor((0.5, 1 - (TITLE_BAND + grid_h + MARGIN) / height), transform=fig.transFigure)
 
     boxes: list[list[tuple[int, int, int, int]]] = []
     for r in range(rows):
-        top = _TITLE_BAND + r * (tile_h + _GAP)
+        top = TITLE_BAND + r * (tile_h + GAP)
         boxes.append([])
         for c in range(cols):
-            left = _MARGIN + c * (tile_w + _GAP)
+            left = MARGIN + c * (tile_w + GAP)
             boxes[-1].append((top, left, tile_h, tile_w))
             # a grey frame one pixel wide, drawn under the tile, keeps white masks apart from the background
             frame = (left - 1, height - top - tile_h - 1, tile_w + 2, tile_h + 2)
@@ -226,7 +226,7 @@ def _draw(
             ax.imshow(pixels[r, c], interpolation="nearest", aspect="auto")
             ax.set_axis_off()
             if r == 0:
-                ax.set_title(titles[c], fontsize=_FONT_SIZE, pad=4)
+                ax.set_title(titles[c], fontsize=FONT_SIZE, pad=4)
     canvas.draw()
     rgb = np.asarray(canvas.buffer_rgba())[..., :3]
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255, boxes

@@ -2,10 +2,12 @@
 
 from lightningkd.modules.base import DistillationModule
 from lightningkd.modules.classification import ClassificationDistillationModule
+from lightningkd.modules.detection import DetectionDistillationModule
 from lightningkd.modules.segmentation import SegmentationDistillationModule, segmentation_scores
 
 __all__ = [
     "ClassificationDistillationModule",
+    "DetectionDistillationModule",
     "DistillationModule",
     "SegmentationDistillationModule",
     "segmentation_scores",

@@ -141,8 +141,11 @@ class DistillationModule(L.LightningModule, abc.ABC):
             self.teacher.eval()  # BatchNorm statistics and dropout of the teacher never change
         return self
 
-    def teacher_features(self, images: Tensor) -> Features:
-        """Run the teacher (under no_grad unless a distiller needs its graph) and return its features."""
+    def teacher_features(self, images: Tensor, batch: Mapping[str, Any] | None = None) -> Features:
+        """Run the teacher (under no_grad unless a distiller needs its graph) and return its features.
+
+        ``batch`` (the unpacked training batch) is for tasks whose models read more than the images.
+        """
         assert self.teacher_tap is not None
         if self.teacher_input is not None:
             images = self.teacher_input(images)
@@ -151,7 +154,8 @@ class DistillationModule(L.LightningModule, abc.ABC):
         with torch.no_grad():
             return self.teacher_tap(images)
 
-    def student_features(self, images: Tensor) -> Features:
+    def student_features(self, images: Tensor, batch: Mapping[str, Any] | None = None) -> Features:
+        """Run the student through its tap; ``batch`` is for tasks whose models also read the targets."""
         return self.student_tap(images)
 
     # ---- evaluation: one path for the student and the teacher ---------------------------------------
@@ -281,13 +285,13 @@ class DistillationModule(L.LightningModule, abc.ABC):
             batch["target"] = raw_target.masked_fill(invalid, -100 if ignore is None else ignore)
             invalid = invalid.any()
 
-        student = self.student_features(images)
+        student = self.student_features(images, batch)
         task = self.task_loss_from_features(student, batch)
         total = self.task_weight * task
         parts: list[tuple[Distiller, dict[str, Tensor], Tensor]] = []
         teacher: Features | None = None
         if len(self.distillers):
-            teacher = self.teacher_features(images)
+            teacher = self.teacher_features(images, batch)
             for d in self.distillers:
                 terms = d.terms(student, teacher, batch)
                 raw = sum_terms(terms)
@@ -304,7 +308,7 @@ class DistillationModule(L.LightningModule, abc.ABC):
         self._consecutive_skips = 0
 
         if self.log_due():
-            size = images.shape[0]
+            size = len(images)  # a batch tensor, or a list of images (detection)
             self.log("train/task_loss", task, batch_size=size)
             for d, terms, raw in parts:
                 self.log(f"train/kd/{d.name}", raw, batch_size=size)
@@ -517,11 +521,15 @@ def _non_finite(named: Iterable[tuple[str, Any]]) -> list[str]:
     ]
 
 
-def _features_finite(features: Features) -> bool:
-    unwrapped = (
-        (k, model_logits(v) if isinstance(v, (Mapping, tuple, list)) else v) for k, v in features.items()
-    )
-    return not _non_finite(unwrapped)
+def _features_finite(features: Any) -> bool:
+    """Whether every floating-point tensor in ``features`` (nested dicts, lists and tuples) is finite."""
+    if torch.is_tensor(features):
+        return not _non_finite([("", features)])
+    if isinstance(features, Mapping):
+        return all(_features_finite(v) for v in features.values())
+    if isinstance(features, (tuple, list)):
+        return all(_features_finite(v) for v in features)
+    return True
 
 
 def _check_finite_weights(model: nn.Module, who: str) -> None:
