@@ -13,15 +13,33 @@ from lightningkd.cli import lightning_cli
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("classification/**/*.yaml"))
 SEG_RECIPES = sorted((ROOT / "recipes").glob("segmentation/**/*.yaml"))
+DET_RECIPES = sorted((ROOT / "recipes").glob("detection/**/*.yaml"))
 FRAGMENTS = sorted((ROOT / "recipes" / "trainer").glob("*.yaml"))
 
 
 def synthetic_overrides(recipe: Path) -> list[str]:
-    """Swap the recipe's data for the synthetic set (same classes) and drop the teacher checkpoint."""
+    """Swap the recipe's data for the synthetic set (same classes) and drop the teacher checkpoint.
+
+    Detection recipes also drop the ImageNet ``backbone_checkpoint`` of both detectors (local files that
+    CI does not have); ``inherit_from_teacher`` then copies from a randomly initialised teacher.
+    """
     spec = yaml.safe_load(recipe.read_text())
     init = spec["model"]["init_args"]
     num_classes = init["num_classes"]
-    if "Segmentation" in spec["model"]["class_path"]:
+    detection = "Detection" in spec["model"]["class_path"]
+    if detection:
+        data = {
+            "class_path": "datamodules.SyntheticDetectionDataModule",
+            "init_args": {
+                "num_classes": num_classes,
+                "image_size": 64,
+                "train_size": 4,
+                "val_size": 2,
+                "batch_size": 2,
+                "num_workers": 0,
+            },
+        }
+    elif "Segmentation" in spec["model"]["class_path"]:
         data = {
             "class_path": "datamodules.SyntheticSegmentationDataModule",
             "init_args": {
@@ -51,7 +69,13 @@ def synthetic_overrides(recipe: Path) -> list[str]:
     if init.get("teacher"):
         teacher = init["teacher"]
         teacher_args = {**teacher["init_args"], "checkpoint": None}
+        if detection:
+            teacher_args["backbone_checkpoint"] = None
         args += ["--model.init_args.teacher", json.dumps({**teacher, "init_args": teacher_args})]
+    if detection and "backbone_checkpoint" in init["student"]["init_args"]:
+        student = init["student"]
+        student_args = {**student["init_args"], "backbone_checkpoint": None}
+        args += ["--model.init_args.student", json.dumps({**student, "init_args": student_args})]
     return args
 
 
@@ -68,7 +92,17 @@ def test_recipes_exist_for_every_segmentation_distiller() -> None:
         assert {"cityscapes", "camvid"} <= sets, method
 
 
-@pytest.mark.parametrize("recipe", RECIPES + SEG_RECIPES, ids=lambda p: str(p.relative_to(ROOT / "recipes")))
+def test_recipes_exist_for_every_detection_distiller() -> None:
+    methods = {p.parent.name for p in DET_RECIPES}
+    assert {"fgd", "pkd", "mgd", "cwd", "teacher", "baseline"} <= methods
+    for method in ("fgd", "pkd", "mgd"):
+        sets = {p.stem.rsplit("_", 1)[1] for p in DET_RECIPES if p.parent.name == method}
+        assert {"coco", "bccd"} <= sets, method
+
+
+@pytest.mark.parametrize(
+    "recipe", RECIPES + SEG_RECIPES + DET_RECIPES, ids=lambda p: str(p.relative_to(ROOT / "recipes"))
+)
 def test_recipe_fast_dev_run_on_synthetic_data(recipe: Path, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     cli = lightning_cli(["fit", "--config", str(recipe), *synthetic_overrides(recipe)])
@@ -79,6 +113,10 @@ def test_recipe_fast_dev_run_on_synthetic_data(recipe: Path, tmp_path, monkeypat
     for d in cli.model.distillers:
         assert torch.isfinite(metrics[f"train/kd/{d.name}"]), d.name
     assert torch.isfinite(metrics["train/loss"]) and torch.isfinite(metrics["train/task_loss"])
+    if recipe in DET_RECIPES:  # the detector's own loss terms: RetinaNet / FCOS or Faster R-CNN names
+        task = {"train/task/classification", "train/task/loss_classifier"} & set(metrics)
+        assert task, sorted(metrics)
+        assert all(torch.isfinite(metrics[name]) for name in task)
 
 
 class ParseOnlyCLI(LightningCLI):

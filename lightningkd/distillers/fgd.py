@@ -86,7 +86,7 @@ class FGD(Distiller):
     """Focal and global distillation of one detector feature level: foreground, background, attention and
     global terms.
 
-    Yang, Li, Jiang, Wang, Yuan, Zhao & Yuan, "Focal and Global Knowledge Distillation for Detectors",
+    Yang, Li, Jiang, Gong, Yuan, Zhao & Yuan, "Focal and Global Knowledge Distillation for Detectors",
     CVPR 2022, arXiv:2111.11837. Authors' code: yzd-v/FGD ``mmdet/distillation/losses/fgd.py``
     ``FeatureLoss`` (c03a6cf), hyper-parameters from ``configs/distillers/fgd/``; matches the parity
     fixtures made from it. See :func:`~lightningkd.functional.fgd.fgd_terms` for the four terms and

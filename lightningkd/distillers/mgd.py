@@ -15,7 +15,7 @@ from lightningkd.functional.mgd import MGD_MASKS, MGDMask, check_mask_ratio, mgd
 class MGD(Distiller):
     """Masked generative distillation: ``alpha * sum((G(align(S) * M) - T)^2) / N`` with a random mask ``M``.
 
-    Yang, Li, Shu, Yuan, Yuan & Zhao, "Masked Generative Distillation", ECCV 2022, arXiv:2205.01529.
+    Yang, Li, Shao, Shi, Yuan & Yuan, "Masked Generative Distillation", ECCV 2022, arXiv:2205.01529.
     Authors' code: yzd-v/MGD ``det/mmdet/distillation/losses/mgd.py`` ``FeatureLoss``,
     ``seg/mmseg/distillation/losses/mgd.py``, ``cls/mmcls/distillation/losses/mgd.py`` ``MGDLoss``
     (2c9da0b); matches the parity fixtures made from them. The student's map (through a 1x1 ``align``

@@ -14,7 +14,7 @@ from lightningkd.functional.pkd import pkd_loss
 class PKD(Distiller):
     """Pearson-correlation distillation: ``MSE(standardise(S), standardise(T)) / 2`` on one feature level.
 
-    Cao, Wang, Gao, Li, Lin & Jin, "PKD: General Distillation Framework for Object Detectors via Pearson
+    Cao, Zhang, Gao, Cheng, Cheng & Cheng, "PKD: General Distillation Framework for Object Detectors via Pearson
     Correlation Coefficient", NeurIPS 2022, arXiv:2207.02039; official implementation open-mmlab/mmrazor
     ``mmrazor/models/losses/pkd_loss.py`` ``PKDLoss`` (90c7af1), configs ``configs/distill/mmdet/pkd/``.
     Each map is standardised per channel with statistics pooled over the batch and positions (unbiased

@@ -35,7 +35,7 @@ def fgd_masks(
 ) -> tuple[Tensor, Tensor]:
     """FGD's foreground and background masks of one feature level, from the ground-truth boxes.
 
-    Yang, Li, Jiang, Wang, Yuan, Zhao & Yuan, "Focal and Global Knowledge Distillation for Detectors",
+    Yang, Li, Jiang, Gong, Yuan, Zhao & Yuan, "Focal and Global Knowledge Distillation for Detectors",
     CVPR 2022, arXiv:2111.11837. Authors' code: yzd-v/FGD ``mmdet/distillation/losses/fgd.py``
     ``FeatureLoss.forward`` (c03a6cf); this is an independent implementation of the behaviour described
     there.
@@ -180,7 +180,7 @@ def fgd_terms(
 ) -> dict[str, Tensor]:
     """FGD's four weighted terms ``fg``, ``bg``, ``attention`` and ``global`` on one feature level.
 
-    Yang, Li, Jiang, Wang, Yuan, Zhao & Yuan, "Focal and Global Knowledge Distillation for Detectors",
+    Yang, Li, Jiang, Gong, Yuan, Zhao & Yuan, "Focal and Global Knowledge Distillation for Detectors",
     CVPR 2022, arXiv:2111.11837. Authors' code: yzd-v/FGD ``mmdet/distillation/losses/fgd.py``
     ``FeatureLoss`` (c03a6cf); matches the parity fixtures made from it. With the **teacher's** attention
     ``w[n,c,h,w] = spatial_T[n,h,w] * channel_T[n,c]`` (:func:`fgd_attention`) and ``D = (S - T)^2``:

@@ -40,7 +40,7 @@ def mgd_mask_shape(feat: Tensor, mask: MGDMask = "spatial") -> tuple[int, int, i
 def mgd_keep_mask(rand: Tensor, mask: MGDMask = "spatial", mask_ratio: float = 0.65) -> Tensor:
     """MGD's keep mask (1 kept, 0 zeroed) from a uniform draw ``rand`` in ``[0, 1)``.
 
-    Yang, Li, Shu, Yuan, Yuan & Zhao, "Masked Generative Distillation", ECCV 2022, arXiv:2205.01529;
+    Yang, Li, Shao, Shi, Yuan & Yuan, "Masked Generative Distillation", ECCV 2022, arXiv:2205.01529;
     yzd-v/MGD (2c9da0b). As the official code of each task: ``"spatial"`` (``det/.../mgd.py``,
     ``seg/.../mgd.py``) zeroes where ``rand > 1 - mask_ratio``; ``"channel"`` (``cls/.../mgd.py``) zeroes
     where ``rand < mask_ratio``. Both mask a ``mask_ratio`` fraction on average (mmrazor's port uses
@@ -83,7 +83,7 @@ def mgd_loss(
 ) -> Tensor:
     """``alpha * sum((G(S * M) - T)^2) / N``: the teacher's map regenerated from the masked student's.
 
-    Yang, Li, Shu, Yuan, Yuan & Zhao, "Masked Generative Distillation", ECCV 2022, arXiv:2205.01529.
+    Yang, Li, Shao, Shi, Yuan & Yuan, "Masked Generative Distillation", ECCV 2022, arXiv:2205.01529.
     Authors' code: yzd-v/MGD ``det/mmdet/distillation/losses/mgd.py`` ``FeatureLoss``,
     ``seg/mmseg/distillation/losses/mgd.py``, ``cls/mmcls/distillation/losses/mgd.py`` ``MGDLoss``
     (2c9da0b); matches the parity fixtures made from them (and mmrazor's ``MGDConnector`` +

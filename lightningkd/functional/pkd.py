@@ -15,7 +15,7 @@ PKD_EPS = 1e-6
 def pkd_standardize(feat: Tensor) -> Tensor:
     """Standardise every channel of a feature map with statistics pooled over the batch and positions.
 
-    Cao, Wang, Gao, Li, Lin & Jin, "PKD: General Distillation Framework for Object Detectors via Pearson
+    Cao, Zhang, Gao, Cheng, Cheng & Cheng, "PKD: General Distillation Framework for Object Detectors via Pearson
     Correlation Coefficient", NeurIPS 2022, arXiv:2207.02039; official implementation open-mmlab/mmrazor
     ``mmrazor/models/losses/pkd_loss.py`` ``PKDLoss.norm`` (90c7af1). For channel ``c``, over its ``N*H*W``
     values: ``(x - mean_c) / (std_c + 1e-6)`` with the **unbiased** standard deviation (``n - 1``) and
@@ -54,7 +54,7 @@ def pkd_standardize(feat: Tensor) -> Tensor:
 def pkd_loss(student: Tensor, teacher: Tensor, resize_student: bool = True) -> Tensor:
     """``MSE_mean(standardise(S), standardise(T)) / 2`` on one feature level (about ``1 - Pearson r``).
 
-    Cao, Wang, Gao, Li, Lin & Jin, "PKD: General Distillation Framework for Object Detectors via Pearson
+    Cao, Zhang, Gao, Cheng, Cheng & Cheng, "PKD: General Distillation Framework for Object Detectors via Pearson
     Correlation Coefficient", NeurIPS 2022, arXiv:2207.02039; official implementation open-mmlab/mmrazor
     ``mmrazor/models/losses/pkd_loss.py`` ``PKDLoss`` (90c7af1). Both maps are standardised per channel
     over ``(N, H, W)`` (:func:`pkd_standardize`); the loss is the mean squared difference over all

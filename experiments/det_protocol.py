@@ -1,0 +1,198 @@
+"""The BCCD detection evidence protocol: one teacher, then every student arm over several seeds, paired by seed.
+
+Does a detection distiller help? Train the teacher once, then for each seed the student alone and the
+student with each distiller (FGD, PKD, MGD on every FPN level): the seed fixes the student's initial
+weights and the first epoch's data order in every arm (the teacher and the distillers are built on a
+forked random stream), so ``arm - student`` on the same seed cancels most of the seed-to-seed spread.
+MGD draws its random masks from the global stream, so its later epochs see another data order.
+``experiments/summarize_protocol.py --metric val_mAP`` prints the raw means and the paired differences.
+
+Every run goes through the library: ``datamodules.VOCDetectionDataModule``, ``lightningkd.models.detector``,
+``DetectionDistillationModule``, ``PerLevel`` and the distillers, with a plain Lightning ``Trainer``.
+
+Setting (sized for 2 CPU cores; nothing can be downloaded here, so every model starts from scratch):
+    data     BCCD (VOC layout, 3 classes: RBC, WBC, Platelets; 640x480 images, about 13 cells each),
+             205 training and 87 validation images, resized to 192x144 (max_size 192); training adds
+             scale jitter 0.8-1.2 and horizontal flips; batch 4.
+    pair     teacher and student are RetinaNet with a ResNet-18 FPN (levels 0, 1, 2, p6, p7, 256 channels).
+             The teacher trains ``--teacher-epochs`` (default 20), the students ``--epochs`` (default 4):
+             the stronger teacher comes from the longer schedule, as in the segmentation protocol.
+    optim    AdamW lr 1e-3, weight decay 1e-4, cosine decay per step, gradient norm clipped at 10.
+    arms     FGD with RetinaNet's hyper-parameters (temperature 0.5, alpha 1e-3, beta 5e-4, gamma 5e-4,
+             lambda 5e-6, FGD's configs) on the five levels; PKD weight 10 on the first four levels
+             (mmrazor's RetinaNet config); MGD alpha 2e-5, mask ratio 0.65 (MGD's detection config) on the
+             five levels; ``zero_weight`` (FGD with weight 0: the teacher runs, nothing is added) is the
+             control. No neck/head inheritance: teacher and student are the same architecture, so it
+             would start the student as a copy of the teacher's neck and head.
+
+Usage:
+    python experiments/det_protocol.py teacher --data-dir ../shared/data/bccd
+    python experiments/det_protocol.py student --arm fgd --seed 0 --data-dir ../shared/data/bccd
+    python experiments/det_protocol.py list
+(``experiments/run_bccd_protocol.sh`` runs the whole table; ``summarize_protocol.py --metric val_mAP`` sums it up.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import time
+from collections.abc import Callable
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+
+from datamodules import VOCDetectionDataModule  # noqa: E402
+from lightningkd.callbacks import DetectionPreview  # noqa: E402
+from lightningkd.distillers import FGD, MGD, PKD, Distiller, PerLevel  # noqa: E402
+from lightningkd.models import detector  # noqa: E402
+from lightningkd.modules import DetectionDistillationModule  # noqa: E402
+
+CLASSES = ["RBC", "WBC", "Platelets"]
+MODEL = "retinanet_resnet18_fpn"
+LEVELS = ["0", "1", "2", "p6", "p7"]
+CHANNELS = 256
+BATCH = 4
+STEPS_PER_EPOCH = 205 // BATCH  # the train loader drops the last incomplete batch
+
+
+def _per_level(distiller: Distiller) -> list[Distiller]:
+    return [PerLevel(distiller=distiller, levels=LEVELS, student_layer="backbone", teacher_layer="backbone")]
+
+
+ARMS: dict[str, Callable[[], list[Distiller]]] = {
+    "student": lambda: [],
+    "zero_weight": lambda: _per_level(FGD(channels=CHANNELS, weight=0.0)),
+    "fgd": lambda: _per_level(FGD(channels=CHANNELS)),
+    "pkd": lambda: [
+        PerLevel(distiller=PKD(weight=10.0), levels=LEVELS[:4])
+    ],  # mmrazor: the first four levels
+    "mgd": lambda: _per_level(MGD(channels=CHANNELS, alpha=2e-5, mask_ratio=0.65)),
+}
+
+
+def datamodule(data_dir: str, workers: int) -> VOCDetectionDataModule:
+    return VOCDetectionDataModule(
+        data_dir,
+        classes=CLASSES,
+        batch_size=BATCH,
+        num_workers=workers,
+        max_size=192,
+        scale_range=(0.8, 1.2),
+    )
+
+
+def build(arm: str, teacher_ckpt: str | None, epochs: int) -> DetectionDistillationModule:
+    student = detector(MODEL, num_classes=len(CLASSES))
+    with torch.random.fork_rng():  # the pairing: see the module docstring
+        distillers = ARMS[arm]() if arm != "teacher" else []
+        teacher = None
+        if distillers:
+            if not teacher_ckpt or not os.path.exists(teacher_ckpt):
+                raise SystemExit(f"arm {arm!r} needs the teacher checkpoint; not found: {teacher_ckpt}")
+            teacher = detector(MODEL, num_classes=len(CLASSES), checkpoint=teacher_ckpt)
+    return DetectionDistillationModule(
+        student,
+        teacher,
+        distillers,
+        num_classes=len(CLASSES),
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=1e-4),
+        lr_scheduler=functools.partial(
+            torch.optim.lr_scheduler.CosineAnnealingLR, T_max=epochs * STEPS_PER_EPOCH
+        ),
+        lr_scheduler_interval="step",
+    )
+
+
+def done(out_dir: str, arm: str, seed: int, epochs: int) -> bool:
+    """Whether results.jsonl already holds this run (the runner script can then be restarted)."""
+    path = os.path.join(out_dir, "results.jsonl")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return any((r["arm"], r["seed"], r["epochs"]) == (arm, seed, epochs) for r in rows)
+
+
+def run(args: argparse.Namespace, arm: str, seed: int, epochs: int) -> dict | None:
+    if arm != "teacher" and done(args.out_dir, arm, seed, epochs):
+        print(f"{arm} seed {seed} ({epochs} epochs) is already in results.jsonl; skipped")
+        return None
+    torch.set_num_threads(args.threads)
+    L.seed_everything(seed, workers=True)
+    teacher_ckpt = os.path.join(args.out_dir, "teacher.ckpt")
+    module = build(arm, teacher_ckpt, epochs)
+    name = "teacher" if arm == "teacher" else f"{arm}_seed{seed}"
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=args.out_dir, filename=name, enable_version_counter=False
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        logger=L.pytorch.loggers.CSVLogger(args.out_dir, name=name),
+        callbacks=[checkpoint, DetectionPreview(num_images=3)],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        check_val_every_n_epoch=max(1, epochs // 4) if arm == "teacher" else epochs,
+        num_sanity_val_steps=0,
+        log_every_n_steps=10,
+        gradient_clip_val=10.0,
+        limit_train_batches=args.limit_batches,
+        limit_val_batches=args.limit_batches,
+    )
+    start = time.time()
+    trainer.fit(module, datamodule=datamodule(args.data_dir, args.workers))
+    metrics = trainer.callback_metrics
+    result = {
+        "arm": arm,
+        "seed": seed,
+        "epochs": epochs,
+        "val_mAP": float(metrics["val/mAP"]),
+        "val_mAP50": float(metrics["val/mAP50"]),
+        "teacher_mAP": float(metrics.get("val/teacher_mAP", float("nan"))),
+        "teacher_mAP50": float(metrics.get("val/teacher_mAP50", float("nan"))),
+        "per_class_AP": {c: float(metrics[f"val/ap/{c}"]) for c in CLASSES if f"val/ap/{c}" in metrics},
+        "minutes": round((time.time() - start) / 60, 2),
+    }
+    print(json.dumps(result), flush=True)
+    with open(os.path.join(args.out_dir, "results.jsonl"), "a") as f:
+        f.write(json.dumps(result) + "\n")
+    if arm != "teacher" and not args.keep_checkpoints:
+        os.remove(checkpoint.best_model_path)  # students are scored once
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("command", choices=["teacher", "student", "list"])
+    parser.add_argument("--data-dir", default="../shared/data/bccd", help="BCCD folder (VOC layout)")
+    parser.add_argument("--arm", default="student", help=f"one of {sorted(ARMS)}")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=4, help="student epochs")
+    parser.add_argument("--teacher-epochs", type=int, default=20)
+    parser.add_argument("--out-dir", default="runs/bccd_protocol")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1, help="data loader processes")
+    parser.add_argument("--keep-checkpoints", action="store_true")
+    parser.add_argument("--limit-batches", type=int, default=None, help="smoke test: batches per epoch")
+    args = parser.parse_args()
+    if args.command == "list":
+        print("\n".join(sorted(ARMS)))
+        return
+    os.makedirs(args.out_dir, exist_ok=True)
+    if args.command == "teacher":
+        run(args, "teacher", 0, args.teacher_epochs)
+    else:
+        if args.arm not in ARMS:
+            raise SystemExit(f"unknown arm {args.arm!r}; valid: {sorted(ARMS)}")
+        run(args, args.arm, args.seed, args.epochs)
+
+
+if __name__ == "__main__":
+    main()
