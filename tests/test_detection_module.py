@@ -280,7 +280,9 @@ def test_real_sets_train_and_validate(where) -> None:
         [recorder()],
         num_classes=classes,
     )
-    t = trainer(max_steps=3, limit_val_batches=2, num_sanity_val_steps=0, log_every_n_steps=1)
+    t = trainer(
+        max_epochs=1, limit_train_batches=3, limit_val_batches=2, num_sanity_val_steps=0, log_every_n_steps=1
+    )
     t.fit(module, datamodule=dm)
     assert torch.isfinite(t.callback_metrics["train/loss"])
     assert 0.0 <= float(t.callback_metrics["val/mAP"]) <= 1.0
