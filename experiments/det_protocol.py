@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import time
 from collections.abc import Callable
@@ -45,6 +44,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
+from protocol_results import done, record  # noqa: E402
 
 from datamodules import VOCDetectionDataModule  # noqa: E402
 from lightningkd.callbacks import DetectionPreview  # noqa: E402
@@ -108,16 +108,6 @@ def build(arm: str, teacher_ckpt: str | None, epochs: int) -> DetectionDistillat
     )
 
 
-def done(out_dir: str, arm: str, seed: int, epochs: int) -> bool:
-    """Whether results.jsonl already holds this run (the runner script can then be restarted)."""
-    path = os.path.join(out_dir, "results.jsonl")
-    if not os.path.exists(path):
-        return False
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return any((r["arm"], r["seed"], r["epochs"]) == (arm, seed, epochs) for r in rows)
-
-
 def run(args: argparse.Namespace, arm: str, seed: int, epochs: int) -> dict | None:
     if arm != "teacher" and done(args.out_dir, arm, seed, epochs):
         print(f"{arm} seed {seed} ({epochs} epochs) is already in results.jsonl; skipped")
@@ -158,9 +148,7 @@ def run(args: argparse.Namespace, arm: str, seed: int, epochs: int) -> dict | No
         "per_class_AP": {c: float(metrics[f"val/ap/{c}"]) for c in CLASSES if f"val/ap/{c}" in metrics},
         "minutes": round((time.time() - start) / 60, 2),
     }
-    print(json.dumps(result), flush=True)
-    with open(os.path.join(args.out_dir, "results.jsonl"), "a") as f:
-        f.write(json.dumps(result) + "\n")
+    record(args.out_dir, result)
     if arm != "teacher" and not args.keep_checkpoints:
         os.remove(checkpoint.best_model_path)  # students are scored once
     return result

@@ -37,6 +37,16 @@ def _outputs_text(cell: nbformat.NotebookNode) -> str:
     return "".join(parts)
 
 
+def _png_count(nb: nbformat.NotebookNode) -> int:
+    """How many PNG pictures (figures, displayed images) the code cells of ``nb`` output."""
+    return sum(
+        "image/png" in out.get("data", {})
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for out in cell.get("outputs", [])
+    )
+
+
 def _repo_files() -> set[str]:
     """Top-level entries of the repository and of notebooks/ (where a careless run would write)."""
     return {p.name for p in ROOT.iterdir()} | {f"notebooks/{p.name}" for p in (ROOT / "notebooks").iterdir()}
@@ -106,6 +116,8 @@ def test_notebook_runs(path: Path, tmp_path: Path) -> None:
         check_quickstart(text)
     if path.name == "03_segmentation.ipynb":
         check_segmentation(text)
+    if path.name == "04_detection.ipynb":
+        check_detection(text, _png_count(nb))
 
 
 def check_quickstart(text: str) -> None:
@@ -133,3 +145,35 @@ def check_segmentation(text: str) -> None:
     assert rows["teacher"] > 0.5, rows
     columns = ["image", "ground truth", "teacher", "student", "bpkd edge", "bpkd body"]
     assert f"preview columns: {columns}" in text, text[-3000:]
+
+
+def check_detection(text: str, pngs: int) -> None:
+    """The detection notebook listed the shared FPN levels, printed its mAP table and showed its preview."""
+    # both detectors' levels, tapped as backbone:<level>: the same sizes at strides 8..128 (96x96 images;
+    # p6 and p7 are convolutions of stride 2 with padding from the 3x3 level "2"), 64 and 32 channels
+    for level, stride, side in (("0", 8, 12), ("1", 16, 6), ("2", 32, 3), ("p6", 64, 2), ("p7", 128, 1)):
+        match = re.search(rf"^backbone:{level}\s+(\([0-9, ]+\))\s+(\([0-9, ]+\))\s+{stride}\s*$", text, re.MULTILINE)
+        assert match, f"no line for FPN level backbone:{level} (stride {stride}); the notebook printed:\n{text[:3000]}"
+        teacher, student = (tuple(int(v) for v in g.strip("()").split(",")) for g in match.groups())
+        assert teacher[1:] == (64, side, side) and student[1:] == (32, side, side), (level, teacher, student)
+    number = r"([0-9.]+|nan)"
+    header = re.search(r"^model\s+mAP\s+mAP50((?:\s+ap/\S+)+)\s*$", text, flags=re.MULTILINE)
+    assert header, f"no header for the comparison table; the notebook printed:\n{text[-3000:]}"
+    classes = header.group(1).split()
+    assert classes == ["ap/class1", "ap/class2", "ap/class3"], classes
+    rows = {}
+    for name in ("teacher", "student alone", "student + FGD"):
+        pattern = rf"^{re.escape(name)}" + rf"\s+{number}" * (2 + len(classes)) + r"\s*$"
+        match = re.search(pattern, text, flags=re.MULTILINE)
+        assert match, f"no '{name}' row in the comparison table; the notebook printed:\n{text[-3000:]}"
+        rows[name] = [float(v) for v in match.groups()]
+        for value in rows[name][:2]:
+            assert 0.0 <= value <= 1.0, f"{name}: mAP / mAP50 {rows[name][:2]} not in [0, 1]"
+        assert rows[name][0] <= rows[name][1], f"{name}: mAP above mAP50: {rows[name][:2]}"
+    # FLOOR_NOTE
+    assert rows["teacher"][1] > 0.3, rows
+    columns = ["image + ground truth", "teacher", "student", "fgd foreground"]
+    assert f"preview columns: {columns}" in text, text[-3000:]
+    assert "saved: ['preview/epoch_" in text, text[-3000:]
+    # the four training images with their boxes, and the preview picture
+    assert pngs >= 2, f"expected the data figure and the preview picture, found {pngs} PNG outputs"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import colorsys
 import math
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,8 +12,8 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
-from torchvision.utils import save_image
 
+from lightningkd.callbacks.preview_io import publish_preview
 from lightningkd.callbacks.seg_preview import DPI, FONT_SIZE, GAP, MARGIN, MIN_TILE_WIDTH, TITLE_BAND
 from lightningkd.distillers import FGD
 from lightningkd.functional.fgd import fgd_masks
@@ -169,18 +168,9 @@ class DetectionPreview(L.Callback):
         if not images:
             return
         grid = self.render(pl_module, getattr(trainer, "datamodule", None), images, targets)
-        folder = self.dirpath or os.path.join(
-            trainer.log_dir or trainer.default_root_dir, "detection_preview"
+        self.saved.append(
+            publish_preview(trainer, grid, "detection_preview", "val/detection_preview", self.dirpath)
         )
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, f"epoch_{trainer.current_epoch:03d}.png")
-        save_image(grid, path)
-        self.saved.append(path)
-        for logger in trainer.loggers:
-            if hasattr(getattr(logger, "experiment", None), "add_image"):
-                logger.experiment.add_image("val/detection_preview", grid, trainer.global_step)
-            elif hasattr(logger, "log_image"):
-                logger.log_image(key="val/detection_preview", images=[grid], step=trainer.global_step)
 
     def pick_samples(self, trainer: L.Trainer) -> tuple[list[Tensor], list[dict[str, Any]]]:
         """``num_images`` ``(image, target)`` pairs of the validation set, spread evenly over it.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,7 +11,8 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
-from torchvision.utils import save_image
+
+from lightningkd.callbacks.preview_io import publish_preview
 
 # layout of the picture, in pixels (the figure is drawn at 100 dpi, so 1 inch = 100 px)
 DPI = 100
@@ -88,18 +88,9 @@ class SegmentationPreview(L.Callback):
             return
         images, targets = self._samples(trainer)
         grid = self.render(pl_module, trainer.datamodule, images, targets)
-        folder = self.dirpath or os.path.join(
-            trainer.log_dir or trainer.default_root_dir, "segmentation_preview"
+        self.saved.append(
+            publish_preview(trainer, grid, "segmentation_preview", "val/segmentation_preview", self.dirpath)
         )
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, f"epoch_{trainer.current_epoch:03d}.png")
-        save_image(grid, path)
-        self.saved.append(path)
-        for logger in trainer.loggers:
-            if hasattr(getattr(logger, "experiment", None), "add_image"):
-                logger.experiment.add_image("val/segmentation_preview", grid, trainer.global_step)
-            elif hasattr(logger, "log_image"):
-                logger.log_image(key="val/segmentation_preview", images=[grid], step=trainer.global_step)
 
     def _samples(self, trainer: L.Trainer) -> tuple[Tensor, Tensor]:
         loaders = trainer.val_dataloaders

@@ -12,7 +12,9 @@ from torch import Tensor, nn
 from lightningkd.distillers.base import Distiller, Features, sum_terms
 from lightningkd.functional._helpers import (
     at_least_float32,
+    check_built_channels,
     check_choice,
+    check_feature_pair,
     check_non_negative,
     check_positive,
     check_positive_int,
@@ -222,22 +224,9 @@ class FGD(Distiller):
         self, student: Features, teacher: Features, batch: Mapping[str, Any] | None = None
     ) -> dict[str, Tensor]:
         s, t = self.read_pair(student, teacher)
-        if s.ndim != 4 or t.ndim != 4:
-            raise ValueError(
-                f"FGD expects (N, C, H, W) feature maps, got student {tuple(s.shape)} and teacher "
-                f"{tuple(t.shape)}: tap an FPN level."
-            )
+        check_feature_pair("FGD", s, t)
         expected_s = self.channels if self.student_channels is None else self.student_channels
-        if s.shape[1] != expected_s or t.shape[1] != self.channels:
-            raise ValueError(
-                f"FGD was built for {expected_s} student and {self.channels} teacher channels, got student "
-                f"{tuple(s.shape)} and teacher {tuple(t.shape)}; set channels (teacher) and student_channels."
-            )
-        if s.shape[0] != t.shape[0] or s.shape[2:] != t.shape[2:]:
-            raise ValueError(
-                f"FGD: the student map {tuple(s.shape)} and the teacher map {tuple(t.shape)} must have the "
-                "same batch and spatial size: tap FPN levels of the same stride."
-            )
+        check_built_channels("FGD", s, t, expected_s, self.channels)
         s, t = at_least_float32(s), at_least_float32(t)
         if self.align is not None:
             s = self.align(s)

@@ -8,7 +8,13 @@ from typing import Any
 from torch import Tensor, nn
 
 from lightningkd.distillers.base import Distiller, Features
-from lightningkd.functional._helpers import check_choice, check_non_negative, check_positive_int
+from lightningkd.functional._helpers import (
+    check_built_channels,
+    check_choice,
+    check_feature_pair,
+    check_non_negative,
+    check_positive_int,
+)
 from lightningkd.functional.mgd import MGD_MASKS, MGDMask, check_mask_ratio, mgd_loss
 
 
@@ -106,22 +112,9 @@ class MGD(Distiller):
 
     def forward(self, student: Features, teacher: Features, batch: Mapping[str, Any] | None = None) -> Tensor:
         s, t = self.read_pair(student, teacher)
-        if s.ndim != 4 or t.ndim != 4:
-            raise ValueError(
-                f"MGD expects (N, C, H, W) feature maps, got student {tuple(s.shape)} and teacher "
-                f"{tuple(t.shape)}."
-            )
+        check_feature_pair("MGD", s, t)
         expected_s = self.channels if self.student_channels is None else self.student_channels
-        if s.shape[1] != expected_s or t.shape[1] != self.channels:
-            raise ValueError(
-                f"MGD was built for {expected_s} student and {self.channels} teacher channels, got student "
-                f"{tuple(s.shape)} and teacher {tuple(t.shape)}; set channels (teacher) and student_channels."
-            )
-        if s.shape[0] != t.shape[0] or s.shape[2:] != t.shape[2:]:
-            raise ValueError(
-                f"MGD: the student map {tuple(s.shape)} and the teacher map {tuple(t.shape)} must have the same "
-                "batch and spatial size: tap layers of the same stride."
-            )
+        check_built_channels("MGD", s, t, expected_s, self.channels)
         if self.align is not None:
             s = self.align(s)
         return mgd_loss(s, t, self.generator, alpha=self.alpha, mask=self.mask, mask_ratio=self.mask_ratio)

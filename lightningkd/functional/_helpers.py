@@ -191,6 +191,22 @@ def check_feature_pair(who: str, student: Tensor, teacher: Tensor) -> None:
         )
 
 
+def check_built_channels(
+    who: str, student: Tensor, teacher: Tensor, student_channels: int, teacher_channels: int
+) -> None:
+    """Check that two ``(N, C, H, W)`` maps have the channel counts a distiller's adapters were built for.
+
+    Example:
+        >>> check_built_channels("FGD", torch.zeros(1, 8, 2, 2), torch.zeros(1, 16, 2, 2), 8, 16)
+    """
+    if student.shape[1] != student_channels or teacher.shape[1] != teacher_channels:
+        raise ValueError(
+            f"{who} was built for {student_channels} student and {teacher_channels} teacher channels, got "
+            f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)}; set channels (teacher) and "
+            "student_channels."
+        )
+
+
 # ---- labels ---------------------------------------------------------------------------------------------
 def _check_integer(who: str, labels: object, key: str = "labels") -> None:
     if (

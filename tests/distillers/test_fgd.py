@@ -381,7 +381,7 @@ class TestFGD(DistillerTester):
             padded(s, t, {"target": batch["target"], "image_sizes": SIZES})
         with pytest.raises(ValueError, match=r"built for 4 student and 8 teacher channels.*\(2, 5, 6, 8\)"):
             fgd({"s": torch.zeros(2, 5, 6, 8)}, t, batch)
-        with pytest.raises(ValueError, match="same batch and spatial size"):
+        with pytest.raises(ValueError, match="same batch size and spatial size"):
             fgd({"s": torch.zeros(2, 4, 3, 4)}, t, batch)
         with pytest.raises(ValueError, match=r"\(K, 4\)"):
             fgd_masks([torch.zeros(3)], [(8, 8)], (2, 2))

@@ -184,7 +184,7 @@ class TestMGD(DistillerTester):
         mgd = self.make()
         with pytest.raises(ValueError, match=r"built for 4 student and 6 teacher channels.*\(2, 5, 5, 6\)"):
             mgd({"s": torch.zeros(2, 5, 5, 6)}, {"t": torch.zeros(2, 6, 5, 6)})
-        with pytest.raises(ValueError, match="same batch and spatial size"):
+        with pytest.raises(ValueError, match="same batch size and spatial size"):
             mgd({"s": torch.zeros(2, 4, 4, 6)}, {"t": torch.zeros(2, 6, 5, 6)})
         x = torch.zeros(2, 3, 4, 4)
         with pytest.raises(ValueError, match="not both"):
