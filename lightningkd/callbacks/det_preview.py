@@ -13,8 +13,16 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
-from lightningkd.callbacks.preview_io import publish_preview
-from lightningkd.callbacks.seg_preview import DPI, FONT_SIZE, GAP, MARGIN, MIN_TILE_WIDTH, TITLE_BAND
+from lightningkd.callbacks.preview_io import (
+    DPI,
+    FONT_SIZE,
+    GAP,
+    MARGIN,
+    MIN_TILE_WIDTH,
+    TITLE_BAND,
+    draw_legend,
+    publish_preview,
+)
 from lightningkd.distillers import FGD
 from lightningkd.functional.fgd import fgd_masks
 from lightningkd.taps import ITEM_SEPARATOR, OUTPUT, FeatureTap
@@ -467,7 +475,6 @@ def _draw(
     # imported here: matplotlib takes a while to import and only the preview needs it
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
     from matplotlib.transforms import Bbox, IdentityTransform
 
     pixels = IdentityTransform()  # display coordinates: pixels from the bottom-left corner
@@ -479,23 +486,10 @@ def _draw(
     # a quarter pixel more: the figure's size in pixels (inches x dpi, a float) is truncated to whole ones
     fig = Figure(figsize=((width + 0.25) / DPI, 1.0), dpi=DPI, facecolor="white")
     canvas = FigureCanvasAgg(fig)
-    legend_h = 0
-    box = None
+    legend_h, box = 0, None
     if legend:
-        handles = [Patch(facecolor=np.array(c) / 255, edgecolor="0.5", linewidth=0.5) for _, c in legend]
-        labels = [name for name, _ in legend]
-        # as many legend columns as fit in the picture's width, found by measuring the drawn legend
-        for ncol in range(min(len(legend), 12), 0, -1):
-            if box is not None:
-                box.remove()
-            box = fig.legend(
-                handles, labels, loc="upper center", ncol=ncol, frameon=False, fontsize=FONT_SIZE - 1,
-                handlelength=1.2, columnspacing=1.2, borderaxespad=0.0,
-            )  # fmt: skip
-            extent = box.get_window_extent(canvas.get_renderer())
-            if extent.width <= width - 2 * MARGIN or ncol == 1:
-                break
-        legend_h = math.ceil(extent.height) + MARGIN
+        box, legend_h = draw_legend(fig, canvas, legend, width)
+        legend_h += MARGIN
     height = TITLE_BAND + grid_h + MARGIN + legend_h
     fig.set_size_inches((width + 0.25) / DPI, (height + 0.25) / DPI)
     if box is not None:

@@ -12,15 +12,18 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
-from lightningkd.callbacks.preview_io import publish_preview
+from lightningkd.callbacks.preview_io import (
+    DPI,
+    FONT_SIZE,
+    GAP,
+    MARGIN,
+    MIN_TILE_WIDTH,
+    TITLE_BAND,
+    draw_legend,
+    publish_preview,
+)
 
 # layout of the picture, in pixels (the figure is drawn at 100 dpi, so 1 inch = 100 px)
-DPI = 100
-MIN_TILE_WIDTH = 128  # narrower tiles are enlarged by a whole factor so that the column titles fit
-GAP = 4  # white space between tiles
-MARGIN = 6  # white space around the grid
-TITLE_BAND = 24  # room above the grid for the column titles
-FONT_SIZE = 10
 
 
 class SegmentationPreview(L.Callback):
@@ -166,7 +169,7 @@ def _draw(
     # imported here: matplotlib takes a while to import and only the preview needs it
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.patches import Patch, Rectangle
+    from matplotlib.patches import Rectangle
 
     rows, cols, _, h, w = tiles.shape
     scale = max(1, math.ceil(MIN_TILE_WIDTH / w))
@@ -178,21 +181,7 @@ def _draw(
 
     fig = Figure(figsize=(width / DPI, 1.0), dpi=DPI, facecolor="white")
     canvas = FigureCanvasAgg(fig)
-    handles = [Patch(facecolor=np.array(c) / 255, edgecolor="0.5", linewidth=0.5) for _, c in legend]
-    labels = [name for name, _ in legend]
-    # as many legend columns as fit in the picture's width, found by measuring the drawn legend
-    box = None
-    for ncol in range(min(len(legend), 12), 0, -1):
-        if box is not None:
-            box.remove()
-        box = fig.legend(
-            handles, labels, loc="upper center", ncol=ncol, frameon=False, fontsize=FONT_SIZE - 1,
-            handlelength=1.2, columnspacing=1.2, borderaxespad=0.0,
-        )  # fmt: skip
-        extent = box.get_window_extent(canvas.get_renderer())
-        if extent.width <= width - 2 * MARGIN or ncol == 1:
-            break
-    legend_h = math.ceil(extent.height)
+    box, legend_h = draw_legend(fig, canvas, legend, width)
     height = TITLE_BAND + grid_h + MARGIN + legend_h + MARGIN
     fig.set_size_inches(width / DPI, height / DPI)
     box.set_bbox_to_anchor((0.5, 1 - (TITLE_BAND + grid_h + MARGIN) / height), transform=fig.transFigure)
