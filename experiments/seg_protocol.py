@@ -45,7 +45,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from protocol_results import done, record  # noqa: E402
+from protocol_common import done, protocol_main, record  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from datamodules import CamVidDataModule  # noqa: E402
@@ -218,31 +218,15 @@ def run(args: argparse.Namespace, arm: str, seed: int, epochs: int) -> dict | No
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    protocol_main(
+        __doc__,
+        ARMS,
+        run,
+        data_dir="../shared/data/camvid",
+        out_dir="runs/camvid_protocol",
+        epochs=6,
+        teacher_epochs=60,
     )
-    parser.add_argument("command", choices=["teacher", "student", "list"])
-    parser.add_argument("--data-dir", default="../shared/data/camvid", help="CamVid folder (SegNet layout)")
-    parser.add_argument("--arm", default="student", help=f"one of {sorted(ARMS)}")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=6, help="student epochs")
-    parser.add_argument("--teacher-epochs", type=int, default=60)
-    parser.add_argument("--out-dir", default="runs/camvid_protocol")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--workers", type=int, default=1, help="data loader processes")
-    parser.add_argument("--keep-checkpoints", action="store_true")
-    parser.add_argument("--limit-batches", type=int, default=None, help="smoke test: batches per epoch")
-    args = parser.parse_args()
-    if args.command == "list":
-        print("\n".join(sorted(ARMS)))
-        return
-    os.makedirs(args.out_dir, exist_ok=True)
-    if args.command == "teacher":
-        run(args, "teacher", 0, args.teacher_epochs)
-    else:
-        if args.arm not in ARMS:
-            raise SystemExit(f"unknown arm {args.arm!r}; valid: {sorted(ARMS)}")
-        run(args, args.arm, args.seed, args.epochs)
 
 
 if __name__ == "__main__":
