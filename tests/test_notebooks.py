@@ -152,8 +152,12 @@ def check_detection(text: str, pngs: int) -> None:
     # both detectors' levels, tapped as backbone:<level>: the same sizes at strides 8..128 (96x96 images;
     # p6 and p7 are convolutions of stride 2 with padding from the 3x3 level "2"), 64 and 32 channels
     for level, stride, side in (("0", 8, 12), ("1", 16, 6), ("2", 32, 3), ("p6", 64, 2), ("p7", 128, 1)):
-        match = re.search(rf"^backbone:{level}\s+(\([0-9, ]+\))\s+(\([0-9, ]+\))\s+{stride}\s*$", text, re.MULTILINE)
-        assert match, f"no line for FPN level backbone:{level} (stride {stride}); the notebook printed:\n{text[:3000]}"
+        match = re.search(
+            rf"^backbone:{level}\s+(\([0-9, ]+\))\s+(\([0-9, ]+\))\s+{stride}\s*$", text, re.MULTILINE
+        )
+        assert match, (
+            f"no line for FPN level backbone:{level} (stride {stride}); the notebook printed:\n{text[:3000]}"
+        )
         teacher, student = (tuple(int(v) for v in g.strip("()").split(",")) for g in match.groups())
         assert teacher[1:] == (64, side, side) and student[1:] == (32, side, side), (level, teacher, student)
     number = r"([0-9.]+|nan)"
