@@ -174,8 +174,8 @@ def check_detection(text: str, pngs: int) -> None:
         for value in rows[name][:2]:
             assert 0.0 <= value <= 1.0, f"{name}: mAP / mAP50 {rows[name][:2]} not in [0, 1]"
         assert rows[name][0] <= rows[name][1], f"{name}: mAP above mAP50: {rows[name][:2]}"
-    # FLOOR_NOTE
-    assert rows["teacher"][1] > 0.3, rows
+    # a detector that finds nothing scores 0; the teacher's mAP50 was 0.83 and 0.87 in two runs of the notebook
+    assert rows["teacher"][1] > 0.5, rows
     columns = ["image + ground truth", "teacher", "student", "fgd foreground"]
     assert f"preview columns: {columns}" in text, text[-3000:]
     assert "saved: ['preview/epoch_" in text, text[-3000:]
