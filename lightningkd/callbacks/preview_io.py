@@ -27,7 +27,7 @@ FONT_SIZE = 10
 def publish_preview(
     trainer: L.Trainer, grid: Tensor, folder_name: str, key: str, dirpath: str | None = None
 ) -> str:
-    """Save ``grid`` (``(3, H, W)`` in [0, 1]) as ``<folder>/epoch_XXX.png`` and send it to the loggers.
+    """Save ``grid`` (``(3, H, W)`` in [0, 1]) as ``<folder>/epoch_<NNN>.png`` (the epoch, three digits) and send it to the loggers.
 
     The folder is ``dirpath`` or ``<log_dir>/<folder_name>``. Loggers with a TensorBoard-style
     ``experiment.add_image`` or a ``log_image`` method (Weights & Biases, Neptune, ...) get it under ``key``.

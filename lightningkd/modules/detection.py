@@ -20,7 +20,7 @@ from lightningkd.models.detection import fpn_levels
 from lightningkd.modules.base import DistillationModule, LabelRangeError, default_optimizer
 from lightningkd.taps import ITEM_SEPARATOR, OUTPUT, Features
 
-__all__ = ["DetectionDistillationModule", "PaddedBatch", "inherit_weights", "pad_batch"]
+__all__ = ["DetectionDistillationModule", "PaddedBatch", "inherit_weights", "pad_batch", "padded_size"]
 
 Detections = list[dict[str, Tensor]]
 """One dict per image: ``boxes`` ``(K, 4)`` xyxy pixels, ``scores`` ``(K,)``, ``labels`` ``(K,)`` (1-based)."""
@@ -36,6 +36,21 @@ MAP_KEYS = {
 }
 
 
+def padded_size(sizes: Sequence[tuple[int, int]], size_divisible: int = 32) -> tuple[int, int]:
+    """The ``(H, W)`` of the batch that :func:`pad_batch` makes from images of these ``(h, w)`` sizes.
+
+    Example:
+        >>> padded_size([(5, 7), (6, 4)], size_divisible=4)
+        (8, 8)
+    """
+    height = max(h for h, _ in sizes)
+    width = max(w for _, w in sizes)
+    return (
+        int(math.ceil(height / size_divisible) * size_divisible),
+        int(math.ceil(width / size_divisible) * size_divisible),
+    )
+
+
 def pad_batch(images: Sequence[Tensor], size_divisible: int = 32) -> Tensor:
     """Stack ``(C, h, w)`` images into one ``(N, C, H, W)`` tensor, zero-padded at the bottom and right.
 
@@ -49,10 +64,7 @@ def pad_batch(images: Sequence[Tensor], size_divisible: int = 32) -> Tensor:
     if not images:
         raise ValueError("pad_batch: no images.")
     channels = images[0].shape[0]
-    height = max(int(i.shape[-2]) for i in images)
-    width = max(int(i.shape[-1]) for i in images)
-    height = int(math.ceil(height / size_divisible) * size_divisible)
-    width = int(math.ceil(width / size_divisible) * size_divisible)
+    height, width = padded_size([(int(i.shape[-2]), int(i.shape[-1])) for i in images], size_divisible)
     batch = images[0].new_zeros((len(images), channels, height, width))
     for out, image in zip(batch, images):
         out[:, : image.shape[-2], : image.shape[-1]].copy_(image)
@@ -226,10 +238,7 @@ class DetectionDistillationModule(DistillationModule):
             for index, target in enumerate(targets):
                 self._check_target(target, index)
         sizes = [(int(i.shape[-2]), int(i.shape[-1])) for i in images]
-        padded = (
-            int(math.ceil(max(h for h, _ in sizes) / self.size_divisible) * self.size_divisible),
-            int(math.ceil(max(w for _, w in sizes) / self.size_divisible) * self.size_divisible),
-        )
+        padded = padded_size(sizes, self.size_divisible)
         return {"image": list(images), "target": targets, "image_sizes": sizes, "padded_size": padded}
 
     def _check_target(self, target: Any, index: int) -> None:
