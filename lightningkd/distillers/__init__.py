@@ -1,5 +1,6 @@
 """Distillation losses (one file per method). Every public class takes explicit keyword arguments."""
 
+from lightningkd.distillers.acam_kd import ACAMKD
 from lightningkd.distillers.at import AT
 from lightningkd.distillers.base import OUTPUT, Distiller, Features, sum_terms
 from lightningkd.distillers.bpkd import BPKD
@@ -10,6 +11,7 @@ from lightningkd.distillers.dkd import DKD
 from lightningkd.distillers.fgd import FGD
 from lightningkd.distillers.fitnet import FitNet
 from lightningkd.distillers.kd import KD
+from lightningkd.distillers.maskd import MasKD
 from lightningkd.distillers.mgd import MGD
 from lightningkd.distillers.nd import ND
 from lightningkd.distillers.per_level import PerLevel
@@ -19,6 +21,7 @@ from lightningkd.distillers.rkd import RKD
 from lightningkd.distillers.skd import SKD, PairwiseSimilarityKD
 
 __all__ = [
+    "ACAMKD",
     "AT",
     "BPKD",
     "CIRKDMemory",
@@ -32,6 +35,7 @@ __all__ = [
     "DKD",
     "FGD",
     "MGD",
+    "MasKD",
     "PKD",
     "PerLevel",
     "KD",

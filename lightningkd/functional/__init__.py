@@ -1,5 +1,6 @@
 """The distillation losses as pure tensor functions (same maths as :mod:`lightningkd.distillers`)."""
 
+from lightningkd.functional.acam_kd import acam_masks, acam_terms, cross_attention_fusion
 from lightningkd.functional.at import at_loss, attention_map
 from lightningkd.functional.bpkd import boundary_masks, bpkd_loss, bpkd_terms
 from lightningkd.functional.cirkd import cirkd_memory_terms, cirkd_minibatch_loss
@@ -9,6 +10,7 @@ from lightningkd.functional.dkd import dkd_loss, dkd_terms
 from lightningkd.functional.fgd import fgd_attention, fgd_loss, fgd_masks, fgd_terms
 from lightningkd.functional.fitnet import fitnet_loss
 from lightningkd.functional.kd import kd_loss
+from lightningkd.functional.maskd import dice_diversity, maskd_loss, token_masks
 from lightningkd.functional.mgd import mgd_keep_mask, mgd_loss
 from lightningkd.functional.nd import nd_loss
 from lightningkd.functional.pixel_kd import pixel_kd_loss
@@ -17,6 +19,12 @@ from lightningkd.functional.rkd import rkd_angle_loss, rkd_distance_loss, rkd_lo
 from lightningkd.functional.skd import skd_loss
 
 __all__ = [
+    "acam_masks",
+    "acam_terms",
+    "cross_attention_fusion",
+    "dice_diversity",
+    "maskd_loss",
+    "token_masks",
     "at_loss",
     "attention_map",
     "boundary_masks",
