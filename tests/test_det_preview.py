@@ -408,3 +408,75 @@ def test_real_module_strides_measured_from_the_student(name, strides) -> None:
     drawn = preview.last_boxes[0][2]
     assert len(drawn) <= 3 and {name for name, _, _ in drawn} <= set(data.classes)
     assert [score for _, score, _ in drawn] == sorted((score for _, score, _ in drawn), reverse=True)
+
+
+def test_spatial_mask_columns_of_acam_kd_per_level() -> None:
+    from datamodules import SyntheticDetectionDataModule
+    from lightningkd.distillers import ACAMKD
+    from lightningkd.models import detector
+    from lightningkd.modules import DetectionDistillationModule
+
+    torch.manual_seed(0)
+    student = detector("retinanet_resnet18_fpn", num_classes=3, min_size=64, max_size=64, fpn_channels=16)
+    teacher = detector("retinanet_resnet18_fpn", num_classes=3, min_size=64, max_size=64, fpn_channels=16)
+    acam = PerLevel(distiller=ACAMKD(channels=16, num_masks=4), levels=["0", "1"])
+    for level in acam.levels:  # masks far from the untrained tokens' 0.5 everywhere
+        acam.level(level).spatial_tokens.data.normal_(0.0, 1.0)
+    module = DetectionDistillationModule(student, teacher, [acam], num_classes=3)
+    data = SyntheticDetectionDataModule(num_classes=3, image_size=64, train_size=2, val_size=2)
+    data.setup("fit")
+    samples = [data.val_dataloader().dataset[i] for i in (0, 1)]
+    images = [samples[0][0], samples[1][0][:, :48]]  # the second is padded to 64 rows in the batch
+    targets = [samples[0][1], samples[1][1]]
+    plain = DetectionPreview(num_images=2, max_boxes=0, max_masks=0).render(module, data, images, targets)
+    preview = DetectionPreview(num_images=2, max_boxes=0)
+    grid = preview.render(module, data, images, targets)
+    base = ["image + ground truth", "teacher", "student"]
+    masks = [f"acamkd mask {k} (0)" for k in range(3)]  # the first level; max_masks 3 of 4
+    assert preview.last_columns == base + masks
+    assert module.training and not module.teacher.training  # the modes are restored
+    # three more tiles in every row: the picture is wider by three tiles and their gaps
+    _, _, tile_h, tile_w = preview.last_tiles[0][3]
+    assert grid.shape[-2] == plain.shape[-2] and grid.shape[-1] - plain.shape[-1] == 3 * (tile_w + 4)
+    # level "0" of RetinaNet: stride 8, an 8 x 8 map of the 64 x 64 padded batch; the masks are the copy's
+    assert preview.last_strides == [8, 8, 8]
+    module.eval()
+    batch = module.unpack_batch((images, targets))
+    expected = acam.level("0").spatial_masks(
+        module.student_features(images, batch), module.teacher_features(images, batch)
+    )
+    module.train()
+    inferno = colormaps["inferno"]
+    for row, (image, height) in enumerate(zip(images, (64, 48))):
+        assert image.shape[-2] == height
+        picture = tile_region(grid, preview.last_tiles[row][0], 2 * height, 128).double()
+        cells = torch.arange(2 * height) // 2 // 8, torch.arange(128) // 2 // 8
+        for k in range(3):
+            mask = preview.last_masks[row][k]
+            torch.testing.assert_close(mask, expected[row, k])
+            # each cell drawn over the 16 x 16 picture pixels of its 8 x 8 image pixels, half and half
+            heat = torch.from_numpy(inferno(mask[cells[0][:, None], cells[1][None, :]].numpy())[..., :3])
+            drawn = tile_region(grid, preview.last_tiles[row][3 + k], 2 * height, 128).double()
+            assert (drawn - (0.5 * picture + 0.5 * heat.permute(2, 0, 1) * 255).round()).abs().max() <= 1
+            assert (drawn - picture).abs().amax(0).mean() > 20  # the heat map is drawn
+        # the padded rows of the batch are not drawn: the tile stays grey below the image
+        below = tile_region(grid, preview.last_tiles[row][3], tile_h, 128)[:, 2 * height :]
+        assert below.numel() == 0 or bool((below == 217).all())
+    assert mask.amax() - mask.amin() > 0.2
+    # max_masks limits the columns; mask_level picks another level of the wrapper (stride 16, 4 x 4)
+    preview = DetectionPreview(num_images=2, max_masks=2, mask_level="1")
+    preview.render(module, data, images, targets)
+    assert preview.last_columns == base + ["acamkd mask 0 (1)", "acamkd mask 1 (1)"]
+    assert preview.last_strides == [16, 16] and preview.last_masks[0][0].shape == (4, 4)
+    with pytest.raises(ValueError, match="mask level 'p6'"):
+        DetectionPreview(num_images=2, mask_level="p6").render(module, data, images, targets)
+    with pytest.raises(ValueError, match="max_masks"):
+        DetectionPreview(max_masks=-1)
+
+
+def tile_region(
+    picture: torch.Tensor, tile: tuple[int, int, int, int], height: int, width: int
+) -> torch.Tensor:
+    """The ``(3, height, width)`` 0-255 integer pixels at the top left of ``tile`` (top, left, height, width)."""
+    top, left, _, _ = tile
+    return (picture[:, top : top + height, left : left + width] * 255).round().int()

@@ -345,6 +345,56 @@ def test_preview_goes_to_image_loggers_and_draws_bpkd_masks(tmp_path) -> None:
     assert b"val/segmentation_preview" in content and b"\x89PNG" in content  # an image summary
 
 
+def test_preview_draws_maskd_spatial_masks_as_heat_maps(tmp_path) -> None:
+    from matplotlib import colormaps
+
+    from datamodules import SyntheticSegmentationDataModule
+    from lightningkd.distillers import MasKD
+    from lightningkd.distillers.maskd import ReceptiveTokens, save_mask_tokens
+
+    torch.manual_seed(0)
+    tokens = ReceptiveTokens(channels=3, num_tokens=4)
+    tokens.tokens.data.normal_(0.0, 2.0)  # masks far from the untrained tokens' 0.5 everywhere
+    path = save_mask_tokens(tmp_path / "tokens.pt", {"output": tokens})
+    maskd = MasKD(tokens=str(path), student_layer="output", teacher_layer="output", channels=3, eps=1e-5)
+    # both models predict at half resolution: 8 x 8 masks, resized to the 16 x 16 images
+    module = SegmentationDistillationModule(Pointwise(), Pointwise(), [maskd], num_classes=3)
+    data = SyntheticSegmentationDataModule(num_classes=3, image_size=16, train_size=2, val_size=2)
+    data.setup("validate")
+    images, targets = (torch.stack(t) for t in zip(*(data.val_dataloader().dataset[i] for i in (0, 1))))
+    plain = SegmentationPreview(num_images=2, max_masks=0).render(module, data, images, targets)
+    preview = SegmentationPreview(num_images=2)
+    grid = preview.render(module, data, images, targets)
+    base = ["image", "ground truth", "teacher", "student"]
+    assert preview.last_columns == [*base, "maskd mask 0", "maskd mask 1", "maskd mask 2"]  # max_masks 3 of 4
+    assert [len(row) for row in preview.last_boxes] == [7, 7] and module.training
+    # three more tiles in every row: the picture is wider by three tiles and their gaps
+    top, left, height, width = preview.last_boxes[0][4]
+    assert grid.shape[-2] == plain.shape[-2] and grid.shape[-1] - plain.shape[-1] == 3 * (width + 4)
+    # each mask tile is the image with the teacher's token mask, resized bilinearly, as an inferno heat map
+    scale = height // 16
+    picture = images * torch.tensor(data.std).view(1, 3, 1, 1) + torch.tensor(data.mean).view(1, 3, 1, 1)
+    with torch.no_grad():
+        masks = torch.sigmoid(torch.einsum("tc,nchw->nthw", tokens.tokens, module.teacher.eval()(images)))
+    masks = F.interpolate(masks, size=(16, 16), mode="bilinear", align_corners=False)
+    assert masks.amax() - masks.amin() > 0.5
+    for row in range(2):
+        for k in range(3):
+            heat = torch.from_numpy(colormaps["inferno"](masks[row, k].numpy())[..., :3]).permute(2, 0, 1)
+            expected = (0.5 * picture[row].clamp(0, 1).double() + 0.5 * heat) * 255
+            expected = expected.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+            drawn = tile(grid, preview.last_boxes[row][4 + k])
+            assert (drawn - expected).abs().max() <= 1, (row, k)
+            assert (drawn - tile(grid, preview.last_boxes[row][0])).abs().amax(0).float().mean() > 20
+    # max_masks limits the columns; 0 draws none
+    for max_masks, count in ((1, 1), (0, 0)):
+        preview = SegmentationPreview(num_images=2, max_masks=max_masks)
+        preview.render(module, data, images, targets)
+        assert preview.last_columns == base + [f"maskd mask {k}" for k in range(count)]
+    with pytest.raises(ValueError, match="max_masks"):
+        SegmentationPreview(max_masks=-1)
+
+
 def test_preview_shrinks_large_tiles() -> None:
     module = SegmentationDistillationModule(nn.Conv2d(3, 2, 1), num_classes=2)
     preview = SegmentationPreview(num_images=1, max_side=32)

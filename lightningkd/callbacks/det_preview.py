@@ -1,4 +1,4 @@
-"""Draw the ground truth, teacher and student detections (and FGD's foreground masks) of fixed validation images."""
+"""Draw the ground truth, teacher and student detections (and distillers' masks) of fixed validation images."""
 
 from __future__ import annotations
 
@@ -20,8 +20,11 @@ from lightningkd.callbacks.preview_io import (
     MARGIN,
     MIN_TILE_WIDTH,
     TITLE_BAND,
+    blend_heat,
     draw_legend,
     publish_preview,
+    spatial_mask_distillers,
+    tapped_features,
 )
 from lightningkd.distillers import FGD
 from lightningkd.functional.fgd import fgd_masks
@@ -33,8 +36,6 @@ _LINE = 2  # box outline thickness in pixels of the picture
 _CAPTION_SIZE = 7  # font size of the box captions
 _CAPTION_ROOM = 12  # a box closer than this to the tile's top gets its caption inside, not above
 _PAD_GREY = 217 / 255  # tile area outside an image smaller than the largest one
-_HEAT_ALPHA = 0.5  # weight of the heat-map colour over the image in the foreground columns
-_HEAT_MAP = "inferno"
 
 Drawn = tuple[str, float | None, tuple[float, float, float, float]]
 """One drawn box: ``(class name, score or None for the ground truth, (x1, y1, x2, y2) image pixels)``."""
@@ -73,7 +74,18 @@ class DetectionPreview(L.Callback):
       :class:`~lightningkd.distillers.PerLevel` wrapper), an :class:`~lightningkd.distillers.FGD`
       (``<name>`` is the top-level distiller's ``name``): FGD's foreground mask of the image's ground
       truth (:func:`lightningkd.functional.fgd.fgd_masks`, of the first FGD copy found) as an
-      ``inferno`` heat map (scaled to the image's largest mask value) blended half and half over the image.
+      ``inferno`` heat map (scaled to the image's largest mask value) blended half and half over the image;
+    - ``"<name> mask <k> (<level>)"``, ``k < max_masks``, for every distiller with a ``spatial_masks(student,
+      teacher)`` method (MasKD, ACAM-KD), directly or in a :class:`~lightningkd.distillers.PerLevel` (then
+      the copy of ``mask_level``, by default the wrapper's first level, the finest FPN level; ``<level>``
+      is that level, or the distiller's teacher layer when it is not wrapped): its ``k``-th spatial mask of
+      the image as an ``inferno`` heat map (values as they are, 0 dark, 1 bright) blended half and half
+      over the image (:func:`~lightningkd.callbacks.preview_io.blend_heat`). The masks come from the
+      module's ``student_features`` and ``teacher_features`` of the drawn images as one batch (the module
+      in eval mode), so the level covers the padded batch: its stride is the padded batch height over the
+      level's height, rounded to a power of two, and cell ``(i, j)`` is drawn over the image pixels
+      ``[i * stride, (i + 1) * stride) x [j * stride, (j + 1) * stride)`` of the image's own part of the
+      batch, as the foreground masks.
 
     The mask is computed as in training for the FPN level the FGD copy reads (its first student layer,
     ``"backbone:<level>"``): the image alone is padded to a multiple of the module's ``size_divisible``
@@ -100,11 +112,12 @@ class DetectionPreview(L.Callback):
 
     After :meth:`render`: :attr:`last_columns` holds the column titles; :attr:`last_boxes`, per row and
     column, the :data:`Drawn` boxes in drawing order from the top (highest score first; empty for the
-    foreground columns); :attr:`last_legend` the ``(name, (r, g, b))`` legend entries;
+    mask columns); :attr:`last_legend` the ``(name, (r, g, b))`` legend entries;
     :attr:`last_tiles`, per row and column, the ``(top, left, height, width)`` pixel box of the tile;
     :attr:`last_scale`, per row, the ``(sy, sx)`` factors from image to picture pixels; :attr:`last_masks`,
-    per row, the foreground masks (feature-map size) of the foreground columns; :attr:`last_strides`
-    the stride used for each foreground column.
+    per row, the masks (feature-map size) of the mask columns, the foreground masks then the spatial
+    masks (the image's map of the whole padded batch); :attr:`last_strides` the stride used for each
+    mask column.
 
     The picture (rendered with matplotlib's Agg canvas, no pyplot state, so it works headless and from
     any thread) is saved as ``<log_dir>/detection_preview/epoch_<N>.png`` and sent as a ``(3, H, W)``
@@ -122,6 +135,9 @@ class DetectionPreview(L.Callback):
             with them.
         fgd_stride: stride of FPN level ``"0"`` for the foreground masks (level ``k``: ``fgd_stride *
             2**k``) instead of measuring it; ``None``: measured from the student.
+        max_masks: draw the first this many spatial masks of each distiller that has them (0: none).
+        mask_level: the level of the :class:`~lightningkd.distillers.PerLevel` wrappers whose spatial
+            masks are drawn; ``None``: each wrapper's first level.
 
     Example:
         >>> preview = DetectionPreview(num_images=2, score_threshold=0.5)
@@ -138,6 +154,8 @@ class DetectionPreview(L.Callback):
         dirpath: str | None = None,
         max_side: int = 512,
         fgd_stride: int | None = None,
+        max_masks: int = 3,
+        mask_level: str | None = None,
     ) -> None:
         if num_images < 1:
             raise ValueError(f"num_images must be >= 1, got {num_images}.")
@@ -149,6 +167,8 @@ class DetectionPreview(L.Callback):
             raise ValueError(f"max_side must be >= 1, got {max_side}.")
         if fgd_stride is not None and fgd_stride < 1:
             raise ValueError(f"fgd_stride must be >= 1, got {fgd_stride}.")
+        if max_masks < 0:
+            raise ValueError(f"max_masks must be >= 0, got {max_masks}.")
         self.num_images = num_images
         self.every_n_epochs = every_n_epochs
         self.score_threshold = score_threshold
@@ -156,6 +176,8 @@ class DetectionPreview(L.Callback):
         self.dirpath = dirpath
         self.max_side = max_side
         self.fgd_stride = fgd_stride
+        self.max_masks = max_masks
+        self.mask_level = mask_level
         self.saved: list[str] = []
         self.last_columns: list[str] = []
         self.last_boxes: list[list[list[Drawn]]] = []
@@ -230,6 +252,9 @@ class DetectionPreview(L.Callback):
         student, measured = self._detect_and_measure(pl_module, batch, layers)
         per_column.append(self._kept(student))
         strides = [measured.get(layer) or self._stride(layer, pl_module) for layer in layers]
+        spatial, spatial_strides = self._spatial_masks(pl_module, batch, targets)
+        titles += [title for title, _ in spatial]
+        strides += spatial_strides
 
         # one tile size for every image: the largest, shrunk to max_side, enlarged so that titles fit
         height = max(int(i.shape[-2]) for i in images)
@@ -276,12 +301,20 @@ class DetectionPreview(L.Callback):
                 row.append(tile)
                 row_drawn.append(entries[::-1])
                 row_captions.append(notes)
-            for (_, fgd), stride in zip(fgd_columns, strides):
-                mask = self._foreground(pl_module, fgd, stride, targets[index]["boxes"], h, w)
-                row_masks.append(mask)
-                row.append(_heat(base, mask, stride, h, w, sy, sx, picture.shape[-2], picture.shape[-1]))
-                row_drawn.append([])
-                row_captions.append([])
+            masks_here = [
+                self._foreground(pl_module, fgd, stride, targets[index]["boxes"], h, w)
+                for (_, fgd), stride in zip(fgd_columns, strides)
+            ]
+            for mask, stride in zip(masks_here, strides):
+                peak = float(mask.max())  # the foreground's values (1 / box area) scaled to the largest
+                values = mask / peak if peak > 0 else torch.zeros_like(mask)
+                row.append(_heat(base, values, stride, h, w, sy, sx, picture.shape[-2], picture.shape[-1]))
+            for (_, batch_masks), stride in zip(spatial, spatial_strides):
+                masks_here.append(batch_masks[index])
+                row.append(_heat(base, batch_masks[index], stride, h, w, sy, sx, *picture.shape[-2:]))
+            row_masks += masks_here
+            row_drawn += [[] for _ in masks_here]
+            row_captions += [[] for _ in masks_here]
             rows.append(row)
             drawn.append(row_drawn)
             captions.append(row_captions)
@@ -330,6 +363,33 @@ class DetectionPreview(L.Callback):
         foreground, _ = fgd_masks([boxes.detach().float().cpu()], [size], feature_size)
         return foreground[0].float().cpu()
 
+    def _spatial_masks(
+        self, pl_module: Any, batch: list[Tensor], targets: Sequence[dict[str, Any]]
+    ) -> tuple[list[tuple[str, Tensor]], list[int]]:
+        """``(title, (N, h_f, w_f) mask)`` of every spatial-mask column, and the stride of each."""
+        sources = spatial_mask_distillers(pl_module, self.mask_level) if self.max_masks else []
+        if not sources:
+            return [], []
+        device = batch[0].device
+        targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+        was_training = pl_module.training
+        pl_module.eval()  # the detectors return detections, not losses, and BatchNorm statistics stay
+        try:
+            student, teacher = tapped_features(pl_module, batch, targets)
+            found = [
+                (n, d.spatial_masks(student, teacher), lv or d.teacher_layers[0]) for n, d, lv in sources
+            ]
+        finally:
+            pl_module.train(was_training)
+        padded = _padded_height(pl_module, batch)
+        columns, strides = [], []
+        for name, masks, level in found:
+            masks = masks[:, : self.max_masks].float().cpu()
+            for k in range(masks.shape[1]):
+                columns.append((f"{name} mask {k} ({level})", masks[:, k]))
+                strides.append(_measured_stride(padded, masks.shape[-2]))
+        return columns, strides
+
     def _detect_and_measure(
         self, pl_module: Any, images: list[Tensor], layers: list[str]
     ) -> tuple[Sequence[dict[str, Tensor]], dict[str, int]]:
@@ -349,13 +409,12 @@ class DetectionPreview(L.Callback):
                 features = tap.run(pl_module.detect, images)
         except KeyError:  # the layer returns no dict with that level: no measure
             return pl_module.detect(images), {}
-        divisible = int(getattr(pl_module, "size_divisible", 1) or 1)
-        padded = math.ceil(max(int(i.shape[-2]) for i in images) / divisible) * divisible
+        padded = _padded_height(pl_module, images)
         strides = {}
         for layer in layers:
             level = features.get(layer)
             if torch.is_tensor(level) and level.ndim == 4 and level.shape[-2] > 0:
-                strides[layer] = 2 ** max(0, round(math.log2(padded / level.shape[-2])))
+                strides[layer] = _measured_stride(padded, level.shape[-2])
         return features[OUTPUT], strides
 
     def _stride(self, layer: str, pl_module: Any) -> int:
@@ -365,6 +424,17 @@ class DetectionPreview(L.Callback):
             base = 4 if hasattr(getattr(pl_module, "student", None), "rpn") else 8
         level = layer.partition(ITEM_SEPARATOR)[2]
         return base * 2 ** int(level) if level.isdigit() else base
+
+
+def _padded_height(pl_module: Any, images: Sequence[Tensor]) -> int:
+    """The height of the module's padded batch of ``images`` (a multiple of its ``size_divisible``)."""
+    divisible = int(getattr(pl_module, "size_divisible", 1) or 1)
+    return math.ceil(max(int(i.shape[-2]) for i in images) / divisible) * divisible
+
+
+def _measured_stride(padded: int, level_height: int) -> int:
+    """A level's stride: the padded batch height over the level's, rounded to a power of two (log scale)."""
+    return 2 ** max(0, round(math.log2(padded / level_height)))
 
 
 def _device(pl_module: Any) -> torch.device:
@@ -435,27 +505,23 @@ def _outline(
 def _heat(
     base: np.ndarray, mask: Tensor, stride: int, h: int, w: int, sy: float, sx: float, height: int, width: int
 ) -> np.ndarray:
-    """``base`` (the tile's uint8 image) with the foreground ``mask`` blended over the image as a heat map.
+    """``base`` (the tile's uint8 image) with a feature-map ``mask`` (values in [0, 1]) over the image as a heat map.
 
     Feature cell ``(i, j)`` covers the image pixels ``[i * stride, (i + 1) * stride) x [j * stride, (j + 1)
     * stride)``; the image, ``h`` x ``w`` pixels, is drawn as ``height`` x ``width`` picture pixels (``sy``,
-    ``sx`` picture pixels per image pixel). Values are scaled by the mask's maximum.
+    ``sx`` picture pixels per image pixel). Cells beyond the image (padding) are not drawn.
     """
-    from matplotlib import colormaps
-
     h_f, w_f = mask.shape
-    peak = float(mask.max())
-    level = mask / peak if peak > 0 else torch.zeros_like(mask)
     # the cell under each picture pixel: picture pixel -> image pixel under its centre -> feature cell
     ys = ((torch.arange(height) + 0.5) / sy).floor().long().clamp(0, h - 1)
     xs = ((torch.arange(width) + 0.5) / sx).floor().long().clamp(0, w - 1)
     cell_y = (ys // stride).clamp(max=h_f - 1)
     cell_x = (xs // stride).clamp(max=w_f - 1)
-    values = level[cell_y[:, None], cell_x[None, :]].numpy()
-    heat = colormaps[_HEAT_MAP](values)[..., :3] * 255
+    values = mask[cell_y[:, None], cell_x[None, :]]
     tile = base.copy()
-    region = tile[:height, :width].astype(np.float64)
-    tile[:height, :width] = np.round((1 - _HEAT_ALPHA) * region + _HEAT_ALPHA * heat).astype(np.uint8)
+    region = torch.from_numpy(tile[:height, :width]).permute(2, 0, 1).double() / 255
+    blended = (blend_heat(region, values) * 255).round().to(torch.uint8)
+    tile[:height, :width] = blended.permute(1, 2, 0).numpy()
     return tile
 
 

@@ -1,13 +1,15 @@
-"""Where the preview callbacks put their pictures: a PNG under the run's log folder and every image logger."""
+"""What the preview callbacks share: where the pictures go (a PNG under the run's log folder and every image
+logger), the legend, and the heat maps of the distillers' spatial masks."""
 
 from __future__ import annotations
 
 import math
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import numpy as np
+import torch
 from torch import Tensor
 from torchvision.utils import save_image
 
@@ -22,6 +24,8 @@ GAP = 4  # white space between tiles
 MARGIN = 6  # white space around the grid
 TITLE_BAND = 24  # room above the grid for the column titles
 FONT_SIZE = 10
+HEAT_ALPHA = 0.5  # weight of the heat-map colour over the image in the mask tiles
+HEAT_MAP = "inferno"
 
 
 def publish_preview(
@@ -69,3 +73,62 @@ def draw_legend(
         if extent.width <= width - 2 * MARGIN or ncol == 1:
             break
     return box, math.ceil(extent.height)
+
+
+def blend_heat(image: Tensor, mask: Tensor, alpha: float = HEAT_ALPHA) -> Tensor:
+    """``image`` (``(..., 3, H, W)`` in [0, 1]) with ``mask`` (``(..., H, W)``, values in [0, 1]) over it as a heat map.
+
+    Each pixel becomes ``(1 - alpha) * image + alpha * inferno(mask)`` (computed in float64, returned in
+    the image's dtype, on the CPU); mask values outside [0, 1] are clamped.
+
+    Example:
+        >>> blend_heat(torch.zeros(3, 1, 2), torch.tensor([[0.0, 1.0]]))[:, 0, 1]  # inferno(1) / 2
+        tensor([0.4942, 0.4992, 0.3225])
+    """
+    from matplotlib import colormaps
+
+    heat = colormaps[HEAT_MAP](mask.detach().double().clamp(0, 1).cpu().numpy())[..., :3]
+    heat = torch.from_numpy(heat).movedim(-1, -3)
+    return ((1 - alpha) * image.detach().double().cpu() + alpha * heat).to(image.dtype)
+
+
+def spatial_mask_distillers(pl_module: Any, level: str | None = None) -> list[tuple[str, Any, str | None]]:
+    """``(name, distiller, level)`` for each distiller of ``pl_module.distillers`` with a ``spatial_masks`` method.
+
+    A distiller that has one (MasKD, ACAM-KD) comes with level ``None``; a per-level wrapper
+    (:class:`~lightningkd.distillers.PerLevel`, found by its ``levels`` and ``level(name)``) whose copies
+    have one comes with the copy of ``level``, by default its first level (the finest FPN level). ``name``
+    is the top-level distiller's ``name``.
+    """
+    found = []
+    for distiller in getattr(pl_module, "distillers", ()):
+        name = getattr(distiller, "name", type(distiller).__name__.lower())
+        if callable(getattr(distiller, "spatial_masks", None)):
+            found.append((name, distiller, None))
+            continue
+        levels = getattr(distiller, "levels", None)
+        if not levels or not callable(getattr(distiller, "level", None)):
+            continue
+        chosen = levels[0] if level is None else level
+        if chosen not in levels:
+            raise ValueError(
+                f"The preview's mask level {chosen!r} is not a level of the distiller {name!r}, whose levels "
+                f"are {list(levels)}."
+            )
+        inner = distiller.level(chosen)
+        if callable(getattr(inner, "spatial_masks", None)):
+            found.append((name, inner, chosen))
+    return found
+
+
+def tapped_features(pl_module: Any, images: Any, targets: Any) -> tuple[Any, Any]:
+    """The student's and the teacher's tapped features of a batch, as a training step gets them.
+
+    The batch ``(images, targets)`` goes through the module's ``unpack_batch`` and ``prepare_images`` (when it
+    has them), then its ``student_features`` and ``teacher_features``. The caller sets the eval mode.
+    """
+    unpack = getattr(pl_module, "unpack_batch", None)
+    batch = unpack((images, targets)) if callable(unpack) else {"image": images, "target": targets}
+    prepare = getattr(pl_module, "prepare_images", None)
+    images = prepare(batch["image"]) if callable(prepare) else batch["image"]
+    return pl_module.student_features(images, batch), pl_module.teacher_features(images, batch)

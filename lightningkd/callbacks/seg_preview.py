@@ -1,4 +1,4 @@
-"""Draw the image, ground truth, teacher and student predictions (and BPKD's masks) of fixed validation images."""
+"""Draw the image, ground truth, teacher and student predictions (and distillers' masks) of fixed validation images."""
 
 from __future__ import annotations
 
@@ -19,8 +19,11 @@ from lightningkd.callbacks.preview_io import (
     MARGIN,
     MIN_TILE_WIDTH,
     TITLE_BAND,
+    blend_heat,
     draw_legend,
     publish_preview,
+    spatial_mask_distillers,
+    tapped_features,
 )
 
 # layout of the picture, in pixels (the figure is drawn at 100 dpi, so 1 inch = 100 px)
@@ -40,14 +43,20 @@ class SegmentationPreview(L.Callback):
     - ``"<name> edge"`` and ``"<name> body"`` for every distiller exposing ``masks(target, size)`` (BPKD;
       ``<name>`` is the distiller's ``name``, e.g. ``"bpkd edge"``): in grey, the edge mask (white where
       any class has an edge) and the body mask (white where every class is body; edges and ignored
-      pixels are dark).
+      pixels are dark);
+    - ``"<name> mask <k>"``, ``k < max_masks``, for every distiller with a ``spatial_masks(student, teacher)``
+      method (MasKD, ACAM-KD; in a :class:`~lightningkd.distillers.PerLevel`, its first level's copy, the
+      title then ending in ``" (<level>)"``): the distiller's ``k``-th spatial mask of the image, from the
+      module's ``student_features`` and ``teacher_features`` of the drawn images (in eval mode), resized
+      (bilinear) to the image and blended half and half over it as an ``inferno`` heat map (values as
+      they are, 0 dark, 1 bright; :func:`~lightningkd.callbacks.preview_io.blend_heat`).
 
     Class maps are drawn in the datamodule's ``palette`` (a fixed random palette when it has none),
     ignored pixels in black. Below the grid, a legend pairs each class name (the datamodule's
     ``classes``, else the module's ``class_names``, else ``"class 0"``, ``"class 1"``, ...) with its
     colour, plus an ``"ignored"`` entry for black. Tiles are drawn with nearest-neighbour
-    interpolation only, so their colours are exactly the palette's; tiles narrower than 128 pixels are
-    enlarged by a whole factor so the titles fit. After :meth:`render`, :attr:`last_columns` holds the
+    interpolation only, so their colours are exactly the palette's (the masks' heat maps are resized
+    bilinearly before); tiles narrower than 128 pixels are enlarged by a whole factor so the titles fit. After :meth:`render`, :attr:`last_columns` holds the
     column titles, :attr:`last_legend` the ``(name, (r, g, b))`` legend entries and :attr:`last_boxes`
     the ``(top, left, height, width)`` pixel box of every tile, one list per row.
 
@@ -62,6 +71,7 @@ class SegmentationPreview(L.Callback):
         dirpath: folder for the PNG files (default: the trainer's ``log_dir``, else its ``default_root_dir``).
         max_side: tiles whose longer side exceeds this are shrunk (nearest) to it, so that full-resolution
             Cityscapes images do not make a 100-megapixel picture.
+        max_masks: draw the first this many spatial masks of each distiller that has them (0: none).
 
     Example:
         >>> preview = SegmentationPreview(num_images=2)
@@ -70,16 +80,24 @@ class SegmentationPreview(L.Callback):
     """
 
     def __init__(
-        self, num_images: int = 4, every_n_epochs: int = 1, dirpath: str | None = None, max_side: int = 512
+        self,
+        num_images: int = 4,
+        every_n_epochs: int = 1,
+        dirpath: str | None = None,
+        max_side: int = 512,
+        max_masks: int = 3,
     ) -> None:
         if num_images < 1:
             raise ValueError(f"num_images must be >= 1, got {num_images}.")
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}.")
+        if max_masks < 0:
+            raise ValueError(f"max_masks must be >= 0, got {max_masks}.")
         self.num_images = num_images
         self.every_n_epochs = every_n_epochs
         self.dirpath = dirpath
         self.max_side = max_side
+        self.max_masks = max_masks
         self.saved: list[str] = []
         self.last_columns: list[str] = []
         self.last_legend: list[tuple[str, tuple[int, int, int]]] = []
@@ -143,6 +161,17 @@ class SegmentationPreview(L.Callback):
                 for mask in (edge.amax(1, keepdim=True), body.amin(1, keepdim=True)):
                     columns.append(mask.clamp(0, 1).float().cpu().expand(-1, 3, -1, -1))
                 titles += [f"{distiller.name} edge", f"{distiller.name} body"]
+        sources = spatial_mask_distillers(pl_module) if self.max_masks else []
+        if sources:
+            student, teacher = tapped_features(pl_module, batch, targets.to(device))
+            for name, distiller, level in sources:
+                masks = distiller.spatial_masks(student, teacher)[:, : self.max_masks].float()
+                masks = torch.nn.functional.interpolate(
+                    masks, size=targets.shape[-2:], mode="bilinear", align_corners=False
+                ).cpu()
+                for k in range(masks.shape[1]):
+                    columns.append(blend_heat(columns[0], masks[:, k]))
+                    titles.append(f"{name} mask {k}" + ("" if level is None else f" ({level})"))
         pl_module.train(was_training)
         tiles = torch.stack(columns, dim=1)  # (rows, columns, 3, h, w)
         longest = max(tiles.shape[-2:])
