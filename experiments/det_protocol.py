@@ -48,9 +48,9 @@ from protocol_common import done, protocol_main, record  # noqa: E402
 
 from datamodules import VOCDetectionDataModule  # noqa: E402
 from lightningkd.callbacks import DetectionPreview  # noqa: E402
-from lightningkd.distillers import FGD, MGD, PKD, Distiller, PerLevel  # noqa: E402
+from lightningkd.distillers import ACAMKD, FGD, MGD, PKD, Distiller, MasKD, PerLevel  # noqa: E402
 from lightningkd.models import detector  # noqa: E402
-from lightningkd.modules import DetectionDistillationModule  # noqa: E402
+from lightningkd.modules import DetectionDistillationModule, DetectionMaskTokens  # noqa: E402
 
 CLASSES = ["RBC", "WBC", "Platelets"]
 MODEL = "retinanet_resnet18_fpn"
@@ -72,7 +72,27 @@ ARMS: dict[str, Callable[[], list[Distiller]]] = {
         PerLevel(distiller=PKD(weight=10.0), levels=LEVELS[:4])
     ],  # mmrazor: the first four levels
     "mgd": lambda: _per_level(MGD(channels=CHANNELS, alpha=2e-5, mask_ratio=0.65)),
+    # ACAM-KD on the five levels, 6 masks each (the paper's detection setting), alpha = lambda = 1
+    "acam_kd": lambda: _per_level(ACAMKD(channels=CHANNELS, num_masks=6)),
 }
+TOKENS_FILE = "maskd_tokens.pt"  # written by `det_protocol.py tokens` next to the teacher
+CUSTOM_MASK_WARMUP = 50  # about one epoch of the 204 student steps (the configs: 5000-8500 of a 2x schedule)
+
+
+def _maskd(tokens: str) -> list[Distiller]:
+    # MasKD's RetinaNet config: 6 weighted tokens per level, align conv, custom mask, loss weight 7
+    template = MasKD(
+        tokens=tokens,
+        channels=CHANNELS,
+        align=True,
+        custom_mask=True,
+        custom_mask_warmup=CUSTOM_MASK_WARMUP,
+        weight=7.0,
+    )
+    return _per_level(template)
+
+
+TOKEN_ARMS: dict[str, Callable[[str], list[Distiller]]] = {"maskd": _maskd}
 
 
 def datamodule(data_dir: str, workers: int) -> VOCDetectionDataModule:
@@ -86,10 +106,32 @@ def datamodule(data_dir: str, workers: int) -> VOCDetectionDataModule:
     )
 
 
+def build_tokens(teacher_ckpt: str, epochs: int) -> DetectionMaskTokens:
+    """MasKD's mask-learning stage on the teacher: 6 weighted tokens per level, Adam lr 0.01, cosine."""
+    if not os.path.exists(teacher_ckpt):
+        raise SystemExit(f"token learning needs the teacher checkpoint; not found: {teacher_ckpt}")
+    return DetectionMaskTokens(
+        detector(MODEL, num_classes=len(CLASSES), checkpoint=teacher_ckpt),
+        tokens_file=os.path.join(os.path.dirname(teacher_ckpt), TOKENS_FILE),
+        levels=LEVELS,
+        num_classes=len(CLASSES),
+        optimizer=functools.partial(torch.optim.Adam, lr=0.01),
+        lr_scheduler=functools.partial(
+            torch.optim.lr_scheduler.CosineAnnealingLR, T_max=epochs * STEPS_PER_EPOCH
+        ),
+        lr_scheduler_interval="step",
+    )
+
+
 def build(arm: str, teacher_ckpt: str | None, epochs: int) -> DetectionDistillationModule:
+    if arm == "tokens":
+        return build_tokens(teacher_ckpt, epochs)
     student = detector(MODEL, num_classes=len(CLASSES))
     with torch.random.fork_rng():  # the pairing: see the module docstring
-        distillers = ARMS[arm]() if arm != "teacher" else []
+        if arm in TOKEN_ARMS:
+            distillers = TOKEN_ARMS[arm](os.path.join(os.path.dirname(teacher_ckpt), TOKENS_FILE))
+        else:
+            distillers = ARMS[arm]() if arm != "teacher" else []
         teacher = None
         if distillers:
             if not teacher_ckpt or not os.path.exists(teacher_ckpt):
@@ -109,14 +151,14 @@ def build(arm: str, teacher_ckpt: str | None, epochs: int) -> DetectionDistillat
 
 
 def run(args: argparse.Namespace, arm: str, seed: int, epochs: int) -> dict | None:
-    if arm != "teacher" and done(args.out_dir, arm, seed, epochs):
+    if arm not in ("teacher", "tokens") and done(args.out_dir, arm, seed, epochs):
         print(f"{arm} seed {seed} ({epochs} epochs) is already in results.jsonl; skipped")
         return None
     torch.set_num_threads(args.threads)
     L.seed_everything(seed, workers=True)
     teacher_ckpt = os.path.join(args.out_dir, "teacher.ckpt")
     module = build(arm, teacher_ckpt, epochs)
-    name = "teacher" if arm == "teacher" else f"{arm}_seed{seed}"
+    name = arm if arm in ("teacher", "tokens") else f"{arm}_seed{seed}"
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=args.out_dir, filename=name, enable_version_counter=False
     )
@@ -157,7 +199,7 @@ def run(args: argparse.Namespace, arm: str, seed: int, epochs: int) -> dict | No
 def main() -> None:
     protocol_main(
         __doc__,
-        ARMS,
+        {**ARMS, **TOKEN_ARMS},
         run,
         data_dir="../shared/data/bccd",
         out_dir="runs/bccd_protocol",

@@ -35,15 +35,20 @@ def protocol_main(
     out_dir: str,
     epochs: int,
     teacher_epochs: int,
+    token_epochs: int = 10,
 ) -> None:
-    """Parse ``teacher | student --arm A --seed S | list`` and call ``run(args, arm, seed, epochs)``."""
+    """Parse ``teacher | tokens | student --arm A --seed S | list`` and call ``run(args, arm, seed, epochs)``.
+
+    ``tokens`` learns MasKD's receptive tokens on the trained teacher (``run`` gets the arm ``"tokens"``).
+    """
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["teacher", "student", "list"])
+    parser.add_argument("command", choices=["teacher", "tokens", "student", "list"])
     parser.add_argument("--data-dir", default=data_dir, help="the data set's folder")
     parser.add_argument("--arm", default="student", help=f"one of {sorted(arms)}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=epochs, help="student epochs")
     parser.add_argument("--teacher-epochs", type=int, default=teacher_epochs)
+    parser.add_argument("--token-epochs", type=int, default=token_epochs, help="MasKD token learning")
     parser.add_argument("--out-dir", default=out_dir)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1, help="data loader processes")
@@ -56,6 +61,8 @@ def protocol_main(
     os.makedirs(args.out_dir, exist_ok=True)
     if args.command == "teacher":
         run(args, "teacher", 0, args.teacher_epochs)
+    elif args.command == "tokens":
+        run(args, "tokens", 0, args.token_epochs)
     elif args.arm not in arms:
         raise SystemExit(f"unknown arm {args.arm!r}; valid: {sorted(arms)}")
     else:

@@ -51,17 +51,19 @@ from torch import Tensor, nn  # noqa: E402
 from datamodules import CamVidDataModule  # noqa: E402
 from lightningkd.callbacks import PreciseBatchNorm, SegmentationPreview  # noqa: E402
 from lightningkd.distillers import (  # noqa: E402
+    ACAMKD,
     BPKD,
     DIST,
     ChannelWiseDivergence,
     CIRKDMemory,
     CIRKDMiniBatch,
     Distiller,
+    MasKD,
     PairwiseSimilarityKD,
     PixelKD,
 )
 from lightningkd.models import TorchvisionSegmenter  # noqa: E402
-from lightningkd.modules import SegmentationDistillationModule  # noqa: E402
+from lightningkd.modules import SegmentationDistillationModule, SegmentationMaskTokens  # noqa: E402
 
 MODEL = "lraspp_mobilenet_v3_large"
 NUM_CLASSES, IGNORE = 11, 11
@@ -97,6 +99,12 @@ def _cirkd() -> list[Distiller]:
     ]
 
 
+def _acam(**overrides) -> Callable[[], list[Distiller]]:
+    """ACAM-KD on the logits, one mask per class (the paper's segmentation setting), with ``overrides``."""
+    settings = {"student_layer": "output", "teacher_layer": "output", "channels": NUM_CLASSES}
+    return lambda: [ACAMKD(num_masks=NUM_CLASSES, **settings, **overrides)]
+
+
 ARMS: dict[str, Callable[[], list[Distiller]]] = {
     "student": lambda: [],
     # control: the teacher runs and a distiller is built, with weight 0 (same as the student alone?)
@@ -119,7 +127,31 @@ ARMS: dict[str, Callable[[], list[Distiller]]] = {
     "bpkd_light": _bpkd(edge_weight=1.0, body_weight=1.0),
     "bpkd_light_T1": _bpkd(edge_weight=1.0, body_weight=1.0, temperature=1.0),
     "bpkd_stride16": _bpkd(),  # the previous defaults; the teacher's logits average-pooled to 1/16 (below)
+    # ACAM-KD at its defaults (alpha = lambda = 1), then the ablation
+    "acam_kd": _acam(),
+    # ACAM-KD ablation: one uncertain choice (or the scale) changed at a time
+    "acam_kd_alpha0.1": _acam(alpha=0.1),
+    "acam_kd_p2_sum": _acam(mask_power=2, normalize_by_mask_sum=False),
+    "acam_kd_elementwise": _acam(channel_mask="elementwise"),
 }
+TOKENS_FILE = "maskd_tokens.pt"  # written by `seg_protocol.py tokens` next to the teacher
+
+
+def _maskd(tokens: str) -> list[Distiller]:
+    # MasKD's segmentation setting: 8 tokens on the logits, eps 1e-5, factor 0.5 (LRASPP has no aux head)
+    return [
+        MasKD(
+            tokens=tokens,
+            student_layer="output",
+            teacher_layer="output",
+            channels=NUM_CLASSES,
+            eps=1e-5,
+            weight=0.5,
+        )
+    ]
+
+
+TOKEN_ARMS: dict[str, Callable[[str], list[Distiller]]] = {"maskd": _maskd}
 COARSE_TEACHER_ARMS = {"bpkd_stride16"}
 
 
@@ -144,13 +176,37 @@ def datamodule(data_dir: str, workers: int) -> CamVidDataModule:
     )
 
 
+def build_tokens(teacher_ckpt: str, epochs: int) -> SegmentationMaskTokens:
+    """MasKD's mask-learning stage on the teacher: 8 tokens on its logits, Adam lr 0.01, cosine."""
+    if not os.path.exists(teacher_ckpt):
+        raise SystemExit(f"token learning needs the teacher checkpoint; not found: {teacher_ckpt}")
+    return SegmentationMaskTokens(
+        TorchvisionSegmenter(MODEL, NUM_CLASSES, checkpoint=teacher_ckpt),
+        tokens_file=os.path.join(os.path.dirname(teacher_ckpt), TOKENS_FILE),
+        num_tokens=8,
+        num_classes=NUM_CLASSES,
+        ignore_index=IGNORE,
+        eval_scale=0.5,
+        optimizer=functools.partial(torch.optim.Adam, lr=0.01),
+        lr_scheduler=functools.partial(
+            torch.optim.lr_scheduler.CosineAnnealingLR, T_max=epochs * STEPS_PER_EPOCH
+        ),
+        lr_scheduler_interval="step",
+    )
+
+
 def build(arm: str, teacher_ckpt: str | None, epochs: int) -> SegmentationDistillationModule:
+    if arm == "tokens":
+        return build_tokens(teacher_ckpt, epochs)
     student = TorchvisionSegmenter(MODEL, NUM_CLASSES)
     # Pairing: the teacher and the distillers are built on a forked random stream, so every arm of a seed
     # starts from the same student weights *and* draws the same crops in the same order as the student
     # alone (a distiller that draws random numbers while training, CIRKD's memory, still diverges).
     with torch.random.fork_rng():
-        distillers = ARMS[arm]() if arm != "teacher" else []
+        if arm in TOKEN_ARMS:
+            distillers = TOKEN_ARMS[arm](os.path.join(os.path.dirname(teacher_ckpt), TOKENS_FILE))
+        else:
+            distillers = ARMS[arm]() if arm != "teacher" else []
         teacher = None
         if distillers:
             if not teacher_ckpt or not os.path.exists(teacher_ckpt):
@@ -174,14 +230,14 @@ def build(arm: str, teacher_ckpt: str | None, epochs: int) -> SegmentationDistil
 
 
 def run(args: argparse.Namespace, arm: str, seed: int, epochs: int) -> dict | None:
-    if arm != "teacher" and done(args.out_dir, arm, seed, epochs):
+    if arm not in ("teacher", "tokens") and done(args.out_dir, arm, seed, epochs):
         print(f"{arm} seed {seed} ({epochs} epochs) is already in results.jsonl; skipped")
         return None
     torch.set_num_threads(args.threads)
     L.seed_everything(seed, workers=True)
     teacher_ckpt = os.path.join(args.out_dir, "teacher.ckpt")
     module = build(arm, teacher_ckpt, epochs)
-    name = "teacher" if arm == "teacher" else f"{arm}_seed{seed}"
+    name = arm if arm in ("teacher", "tokens") else f"{arm}_seed{seed}"
     checkpoint = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=args.out_dir, filename=name, enable_version_counter=False
     )
@@ -190,7 +246,9 @@ def run(args: argparse.Namespace, arm: str, seed: int, epochs: int) -> dict | No
         max_epochs=epochs,
         logger=L.pytorch.loggers.CSVLogger(args.out_dir, name=name),
         # the preview (4 val images: truth, teacher, student, BPKD masks) lands in the run's log folder
-        callbacks=[checkpoint, PreciseBatchNorm(num_batches=20), SegmentationPreview(num_images=4)],
+        # (token learning keeps the teacher's BatchNorm statistics: no PreciseBatchNorm there)
+        callbacks=[checkpoint, SegmentationPreview(num_images=4)]
+        + ([] if arm == "tokens" else [PreciseBatchNorm(num_batches=20)]),
         enable_progress_bar=False,
         enable_model_summary=False,
         check_val_every_n_epoch=max(1, epochs // 4) if arm == "teacher" else epochs,
@@ -213,14 +271,16 @@ def run(args: argparse.Namespace, arm: str, seed: int, epochs: int) -> dict | No
     }
     record(args.out_dir, result)
     if arm != "teacher" and not args.keep_checkpoints:
-        os.remove(checkpoint.best_model_path)  # students are scored once; 13 MB each adds up
+        os.remove(
+            checkpoint.best_model_path
+        )  # students are scored once; 13 MB each adds up (tokens: the file)
     return result
 
 
 def main() -> None:
     protocol_main(
         __doc__,
-        ARMS,
+        {**ARMS, **TOKEN_ARMS},
         run,
         data_dir="../shared/data/camvid",
         out_dir="runs/camvid_protocol",
