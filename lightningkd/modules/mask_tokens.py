@@ -146,7 +146,9 @@ class SegmentationMaskTokens(_TokenLearning, SegmentationDistillationModule):
     ``dice_weight`` times the Dice diversity of the masks
     (:func:`~lightningkd.functional.maskd.dice_diversity`). The teacher is frozen, BatchNorm in eval
     mode. At the end of ``fit`` the tokens go to ``tokens_file``, read by
-    :class:`~lightningkd.distillers.MasKD`. Validation scores the masked teacher.
+    :class:`~lightningkd.distillers.MasKD`. Validation scores the masked teacher (it should stay close to
+    the teacher's own score). ``train/task_loss`` holds the task loss plus the weighted Dice term, and
+    ``train/dice`` the Dice term alone.
 
     Args:
         model: the trained teacher (frozen here).
@@ -204,6 +206,8 @@ class DetectionMaskTokens(_TokenLearning, DetectionDistillationModule):
     level's masks (summed over levels). The official stage runs 2000 iterations with Adam lr 0.01 and a
     cosine schedule (Faster R-CNN: SGD lr 0.1). The token file is keyed ``"<layer>:<level>"``, the names
     :class:`~lightningkd.distillers.PerLevel` gives each level's :class:`~lightningkd.distillers.MasKD`.
+    Validation scores the masked teacher; ``train/dice`` logs the Dice term (also inside
+    ``train/task_loss``).
 
     Args:
         model: the trained teacher detector (frozen here; BatchNorm in eval mode).
