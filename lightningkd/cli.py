@@ -225,7 +225,7 @@ def _model_from_configs(paths: Sequence[str]) -> DistillationModule:
             _deep_update(merged, (yaml.safe_load(f) or {}).get("model", {}))
     if not merged:
         raise ValueError(f"No 'model:' section in {list(paths)}.")
-    for who in ("student", "teacher"):
+    for who in ("student", "teacher", "model"):  # "model": the teacher of a MasKD token recipe
         init = (merged.get("init_args", {}).get(who) or {}).get("init_args", {})
         for key in ("checkpoint", "backbone_checkpoint", "trainable_backbone_layers"):
             if init.get(key) is not None:

@@ -134,9 +134,10 @@ def test_segmentation_masked_output_and_loss(tmp_path) -> None:
 def test_segmentation_refuses_an_existing_file_and_unknown_layers(tmp_path) -> None:
     path = tmp_path / "tokens.pt"
     path.write_bytes(b"kept")
+    kept = SegmentationMaskTokens(teacher(), str(path), num_classes=CLASSES)  # builds (e.g. for `layers`)
     with pytest.raises(FileExistsError, match=r"tokens\.pt exists.*overwrite"):
-        SegmentationMaskTokens(teacher(), str(path), num_classes=CLASSES)
-    assert path.read_bytes() == b"kept"
+        trainer(max_steps=1, limit_val_batches=0).fit(kept, segmentation_data())  # refused before a step
+    assert kept.global_step == 0 and path.read_bytes() == b"kept"
     module = SegmentationMaskTokens(teacher(), str(path), num_tokens=2, num_classes=CLASSES, overwrite=True)
     trainer(max_steps=1, limit_val_batches=0).fit(module, segmentation_data())
     assert load_mask_tokens(path, "output").num_tokens == 2
@@ -191,9 +192,10 @@ def test_detection_refuses_an_existing_file_and_unknown_layers(tmp_path) -> None
     path.touch()
     torch.manual_seed(0)
     model = detector("retinanet_resnet18_fpn", num_classes=2, min_size=64, max_size=64)
+    module = DetectionMaskTokens(model, str(path), num_classes=2)
     with pytest.raises(FileExistsError, match="overwrite"):
-        DetectionMaskTokens(model, str(path), num_classes=2)
-    DetectionMaskTokens(model, str(path), num_classes=2, overwrite=True)
+        module.setup("fit")
+    assert path.exists()
     with pytest.raises(ValueError, match=r"Unknown layer 'neck:0'.*'backbone'"):
         DetectionMaskTokens(model, str(tmp_path / "new.pt"), layer="neck", num_classes=2)
     with pytest.raises(ValueError, match="non-empty list of FPN level keys"):

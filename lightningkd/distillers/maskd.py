@@ -143,7 +143,7 @@ def load_mask_tokens(path: str | Path, layer: str, who: str = "MasKD") -> Recept
 class MasKD(Distiller):
     """MasKD: the feature loss under spatial masks from receptive tokens learned on the teacher.
 
-    Huang, You, Wang, Qian, Wang & Xu, "Masked Distillation with Receptive Tokens", ICLR 2023,
+    Huang, Zhang, You, Wang, Qian, Cao & Xu, "Masked Distillation with Receptive Tokens", ICLR 2023,
     arXiv:2205.14589; authors' code hunto/MasKD (``mmrazor/mmrazor/models/losses/maskd.py`` ``MasKDLoss``
     at a419ccf, ``segmentation/losses/maskd.py``, ``mmdetection/maskd.py``). Two stages:
 

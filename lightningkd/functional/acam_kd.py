@@ -139,8 +139,9 @@ def acam_terms(
             the square, as MasKD).
         normalize_by_mask_sum: divide each mask's sum by its total instead of by ``P * C``.
         diversity: ``"spatial"``, ``"both"`` or ``"none"``.
-        channel_weight, spatial_weight, diversity_weight: the terms' coefficients (the paper's alpha,
-            alpha and lambda, all 1). A zero weight drops the term.
+        channel_weight: the channel term's coefficient (the paper's alpha, 1); 0 drops the term.
+        spatial_weight: the spatial term's coefficient (the paper's alpha, 1); 0 drops the term.
+        diversity_weight: the diversity term's coefficient (the paper's lambda, 1); 0 drops the term.
 
     Returns:
         ``{"channel", "spatial", "diversity"}`` (those with a non-zero weight), each 0-dim and weighted.

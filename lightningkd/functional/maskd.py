@@ -14,7 +14,7 @@ DICE_EPS = 1e-12
 def token_masks(feat: Tensor, tokens: Tensor) -> Tensor:
     """MasKD's receptive-token masks ``sigmoid(K_t . F[:, :, h, w])``: one spatial mask per token.
 
-    Huang, You, Wang, Qian, Wang & Xu, "Masked Distillation with Receptive Tokens", ICLR 2023,
+    Huang, Zhang, You, Wang, Qian, Cao & Xu, "Masked Distillation with Receptive Tokens", ICLR 2023,
     arXiv:2205.14589; hunto/MasKD ``MaskModule.forward_mask``.
 
     Args:
@@ -87,14 +87,15 @@ def maskd_loss(
 ) -> Tensor:
     """MasKD's masked feature loss: per token and channel ``sum_hw (m S - m T)^2 / (sum_hw m + eps)``.
 
-    Huang, You, Wang, Qian, Wang & Xu, "Masked Distillation with Receptive Tokens", ICLR 2023,
+    Huang, Zhang, You, Wang, Qian, Cao & Xu, "Masked Distillation with Receptive Tokens", ICLR 2023,
     arXiv:2205.14589; hunto/MasKD ``mmrazor/.../losses/maskd.py`` ``MasKDLoss`` (detection) and
     ``segmentation/losses/maskd.py`` (segmentation). The mask multiplies both maps before the square, so
     it enters **squared** in the numerator and linearly in the normaliser, as in the official code. The
     per-(image, token, channel) values are averaged over channels, then either weighted by
     ``token_weights`` and summed over tokens (``weight_mask=True``) or averaged over tokens, then averaged
     over images. Computed as ``einsum(m^2, (S - T)^2)``, without the official ``(N, T, C, H, W)``
-    intermediate (same value, a T-th of the memory).
+    intermediate (same value, a T-th of the memory). A mask that is 0 everywhere (its sigmoid underflows
+    on an extreme map) adds 0 where the official code, without ``eps``, divides 0 by 0.
 
     Args:
         student: the (aligned) student map, ``(N, C, H, W)``.
@@ -132,7 +133,9 @@ def maskd_loss(
     masks = at_least_float32(masks)
     diff = (at_least_float32(student) - at_least_float32(teacher)).pow(2)
     per_channel = torch.einsum("nthw,nchw->ntc", masks.pow(2), diff)
-    per_channel = per_channel / (masks.sum((2, 3))[:, :, None] + eps)
+    # a mask that is 0 everywhere (sigmoid underflow on extreme maps) contributes 0, not 0 / 0
+    mass = (masks.sum((2, 3)) + eps).clamp_min(torch.finfo(masks.dtype).tiny)
+    per_channel = per_channel / mass[:, :, None]
     per_token = per_channel.mean(-1)  # (N, T)
     if token_weights is None:
         return per_token.mean()

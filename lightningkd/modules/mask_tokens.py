@@ -43,11 +43,6 @@ class _TokenLearning:
     ) -> None:
         if isinstance(layers, str) or not layers:
             raise ValueError(f"layers must be a non-empty list of layer names, got {layers!r}.")
-        if Path(tokens_file).exists() and not overwrite:
-            raise FileExistsError(
-                f"The token file {tokens_file} exists; it is kept. Name another tokens_file, or set "
-                "overwrite: true to replace it."
-            )
         if dice_weight < 0:
             raise ValueError(f"dice_weight must be >= 0, got {dice_weight}.")
         self.tokens_file = str(tokens_file)
@@ -75,6 +70,15 @@ class _TokenLearning:
         # the teacher's BatchNorm and dropout in eval mode from the start: Lightning does not call
         # train() when fit starts, so the override below alone would let the running statistics move
         self.train(self.training)  # type: ignore[attr-defined]
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and Path(self.tokens_file).exists() and not self.overwrite:
+            # before the first step, not at the end of a long run
+            raise FileExistsError(
+                f"The token file {self.tokens_file} exists; it is kept. Name another tokens_file, or set "
+                "overwrite: true to replace it."
+            )
+        super().setup(stage)  # type: ignore[misc]
 
     def _mask_output(self, layer: str, item: str | None, module: nn.Module, inputs: Any, output: Any) -> Any:
         tokens = self.tokens[_key(layer)]
@@ -159,7 +163,12 @@ class SegmentationMaskTokens(_TokenLearning, SegmentationDistillationModule):
         weighted: learn a token-weight head too (the detection setting; off for segmentation).
         dice_weight: the Dice term's coefficient (1 in the official code).
         overwrite: replace an existing ``tokens_file``.
-        num_classes, ignore_index, class_names, eval_scale, optimizer, lr_scheduler,
+        num_classes: as :class:`~lightningkd.modules.SegmentationDistillationModule`.
+        ignore_index: as :class:`~lightningkd.modules.SegmentationDistillationModule`.
+        class_names: as :class:`~lightningkd.modules.SegmentationDistillationModule`.
+        eval_scale: as :class:`~lightningkd.modules.SegmentationDistillationModule`.
+        optimizer: as :class:`~lightningkd.modules.SegmentationDistillationModule`.
+        lr_scheduler: as :class:`~lightningkd.modules.SegmentationDistillationModule`.
         lr_scheduler_interval: as :class:`~lightningkd.modules.SegmentationDistillationModule`.
     """
 
@@ -219,8 +228,12 @@ class DetectionMaskTokens(_TokenLearning, DetectionDistillationModule):
         weighted: learn the token-weight head (on in the official configs).
         dice_weight: the Dice term's coefficient (1 in the official code).
         overwrite: replace an existing ``tokens_file``.
-        num_classes, class_names, size_divisible, optimizer, lr_scheduler, lr_scheduler_interval: as
-            :class:`~lightningkd.modules.DetectionDistillationModule`.
+        num_classes: as :class:`~lightningkd.modules.DetectionDistillationModule`.
+        class_names: as :class:`~lightningkd.modules.DetectionDistillationModule`.
+        size_divisible: as :class:`~lightningkd.modules.DetectionDistillationModule`.
+        optimizer: as :class:`~lightningkd.modules.DetectionDistillationModule`.
+        lr_scheduler: as :class:`~lightningkd.modules.DetectionDistillationModule`.
+        lr_scheduler_interval: as :class:`~lightningkd.modules.DetectionDistillationModule`.
     """
 
     def __init__(
