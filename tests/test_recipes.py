@@ -21,7 +21,9 @@ def synthetic_overrides(recipe: Path) -> list[str]:
     """Swap the recipe's data for the synthetic set (same classes) and drop the teacher checkpoint.
 
     Detection recipes also drop the ImageNet ``backbone_checkpoint`` of both detectors (local files that
-    CI does not have); ``inherit_from_teacher`` then copies from a randomly initialised teacher.
+    CI does not have); ``inherit_from_teacher`` then copies from a randomly initialised teacher. MasKD's
+    token recipes (``SegmentationMaskTokens``, ``DetectionMaskTokens``) hold the teacher as ``model``: its
+    checkpoint is dropped the same way.
     """
     spec = yaml.safe_load(recipe.read_text())
     init = spec["model"]["init_args"]
@@ -66,17 +68,43 @@ def synthetic_overrides(recipe: Path) -> list[str]:
         }
     args = ["--data", json.dumps(data), "--trainer.fast_dev_run=1", "--trainer.accelerator=cpu"]
     args += ["--trainer.devices=1"]  # loggers write under the test's working directory
-    if init.get("teacher"):
-        teacher = init["teacher"]
-        teacher_args = {**teacher["init_args"], "checkpoint": None}
-        if detection:
-            teacher_args["backbone_checkpoint"] = None
-        args += ["--model.init_args.teacher", json.dumps({**teacher, "init_args": teacher_args})]
-    if detection and "backbone_checkpoint" in init["student"]["init_args"]:
+    for role in ("teacher", "model"):  # "model": the frozen teacher of a token recipe
+        if init.get(role):
+            teacher = init[role]
+            teacher_args = {**teacher["init_args"], "checkpoint": None}
+            if detection:
+                teacher_args["backbone_checkpoint"] = None
+            args += [f"--model.init_args.{role}", json.dumps({**teacher, "init_args": teacher_args})]
+    if detection and "backbone_checkpoint" in init.get("student", {}).get("init_args", {}):
         student = init["student"]
         student_args = {**student["init_args"], "backbone_checkpoint": None}
         args += ["--model.init_args.student", json.dumps({**student, "init_args": student_args})]
     return args
+
+
+def tokens_read(node: object) -> set[str]:
+    """The token files that the recipe's MasKD distillers read (also inside a PerLevel template)."""
+    found: set[str] = set()
+    if isinstance(node, dict):
+        if str(node.get("class_path", "")).rsplit(".", 1)[-1] == "MasKD":
+            found.add(node["init_args"]["tokens"])
+        for value in node.values():
+            found |= tokens_read(value)
+    elif isinstance(node, list):
+        for value in node:
+            found |= tokens_read(value)
+    return found
+
+
+def token_recipe(tokens: str) -> Path:
+    """The token recipe (MasKD's first stage) whose ``tokens_file`` is ``tokens``."""
+    matches = [
+        r
+        for r in SEG_RECIPES + DET_RECIPES
+        if yaml.safe_load(r.read_text())["model"]["init_args"].get("tokens_file") == tokens
+    ]
+    assert len(matches) == 1, f"{len(matches)} token recipes write {tokens}: {matches}"
+    return matches[0]
 
 
 def test_recipes_exist_for_every_classification_distiller() -> None:
@@ -86,7 +114,8 @@ def test_recipes_exist_for_every_classification_distiller() -> None:
 
 def test_recipes_exist_for_every_segmentation_distiller() -> None:
     methods = {p.parent.name for p in SEG_RECIPES}
-    assert {"pixel_kd", "cwd", "bpkd", "cirkd", "dist", "skd", "teacher", "baseline"} <= methods
+    distillers = {"pixel_kd", "cwd", "bpkd", "cirkd", "dist", "skd", "maskd", "acam_kd"}
+    assert distillers | {"teacher", "baseline"} <= methods
     for method in methods - {"teacher", "baseline"}:
         sets = {p.stem.rsplit("_", 1)[1] for p in SEG_RECIPES if p.parent.name == method}
         assert {"cityscapes", "camvid"} <= sets, method
@@ -94,10 +123,29 @@ def test_recipes_exist_for_every_segmentation_distiller() -> None:
 
 def test_recipes_exist_for_every_detection_distiller() -> None:
     methods = {p.parent.name for p in DET_RECIPES}
-    assert {"fgd", "pkd", "mgd", "cwd", "teacher", "baseline"} <= methods
-    for method in ("fgd", "pkd", "mgd"):
+    assert {"fgd", "pkd", "mgd", "cwd", "maskd", "acam_kd", "teacher", "baseline"} <= methods
+    for method in ("fgd", "pkd", "mgd", "maskd", "acam_kd"):
         sets = {p.stem.rsplit("_", 1)[1] for p in DET_RECIPES if p.parent.name == method}
         assert {"coco", "bccd"} <= sets, method
+
+
+def test_every_maskd_recipe_reads_the_file_of_a_token_recipe() -> None:
+    """MasKD's two stages: each token file a distillation recipe reads is written by exactly one token
+    recipe of the same task and data set, whose teacher is the distillation recipe's teacher."""
+    readers = [r for r in SEG_RECIPES + DET_RECIPES if tokens_read(yaml.safe_load(r.read_text()))]
+    assert {r.parent.name for r in readers} == {"maskd"}
+    assert {r.parent.parent.name for r in readers} == {"segmentation", "detection"}
+    for recipe in readers:
+        spec = yaml.safe_load(recipe.read_text())
+        for tokens in tokens_read(spec):
+            stage1 = token_recipe(tokens)
+            assert stage1.parent == recipe.parent
+            assert stage1.stem.rsplit("_", 1)[1] == recipe.stem.rsplit("_", 1)[1]
+            teacher = yaml.safe_load(stage1.read_text())["model"]["init_args"]["model"]
+            expected = spec["model"]["init_args"]["teacher"]
+            assert teacher["class_path"] == expected["class_path"]
+            for key in ("name", "config", "num_classes", "checkpoint", "fpn_channels"):
+                assert teacher["init_args"].get(key) == expected["init_args"].get(key), (recipe.name, key)
 
 
 @pytest.mark.parametrize(
@@ -105,6 +153,11 @@ def test_recipes_exist_for_every_detection_distiller() -> None:
 )
 def test_recipe_fast_dev_run_on_synthetic_data(recipe: Path, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
+    spec = yaml.safe_load(recipe.read_text())
+    for tokens in sorted(tokens_read(spec)):  # MasKD: run the token recipe first, it writes the file
+        stage1 = token_recipe(tokens)
+        lightning_cli(["fit", "--config", str(stage1), *synthetic_overrides(stage1)])
+        assert (tmp_path / tokens).is_file(), f"{stage1.name} did not write {tokens}"
     cli = lightning_cli(["fit", "--config", str(recipe), *synthetic_overrides(recipe)])
     assert cli.trainer.state.finished
     assert cli.trainer.global_step == 1
@@ -113,6 +166,11 @@ def test_recipe_fast_dev_run_on_synthetic_data(recipe: Path, tmp_path, monkeypat
     for d in cli.model.distillers:
         assert torch.isfinite(metrics[f"train/kd/{d.name}"]), d.name
     assert torch.isfinite(metrics["train/loss"]) and torch.isfinite(metrics["train/task_loss"])
+    tokens_file = spec["model"]["init_args"].get("tokens_file")
+    if tokens_file:  # a token recipe: no distillers; the Dice term is logged and the file written
+        assert not len(cli.model.distillers)
+        assert torch.isfinite(metrics["train/dice"])
+        assert (tmp_path / tokens_file).is_file(), f"no token file at {tokens_file}"
     if recipe in DET_RECIPES:  # the detector's own loss terms: RetinaNet / FCOS or Faster R-CNN names
         task = {"train/task/classification", "train/task/loss_classifier"} & set(metrics)
         assert task, sorted(metrics)
