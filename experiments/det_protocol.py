@@ -22,11 +22,16 @@ Setting (sized for 2 CPU cores; nothing can be downloaded here, so every model s
              lambda 5e-6, FGD's configs) on the five levels; PKD weight 10 on the first four levels
              (mmrazor's RetinaNet config); MGD alpha 2e-5, mask ratio 0.65 (MGD's detection config) on the
              five levels; ``zero_weight`` (FGD with weight 0: the teacher runs, nothing is added) is the
-             control. No neck/head inheritance: teacher and student are the same architecture, so it
+             control. MasKD: tokens learned on the teacher first (``tokens``: 10 epochs, 510 steps, Adam
+             lr 0.01, cosine; 6 weighted tokens per level), then RetinaNet's MasKD config (loss weight 7,
+             align conv, custom mask after 50 steps, about a quarter of the schedule); ACAM-KD: 6 masks per
+             level, alpha = lambda = 1, the other choices at their defaults. No neck/head inheritance:
+             teacher and student are the same architecture, so it
              would start the student as a copy of the teacher's neck and head.
 
 Usage:
     python experiments/det_protocol.py teacher --data-dir ../shared/data/bccd
+    python experiments/det_protocol.py tokens --data-dir ../shared/data/bccd   (MasKD's first stage)
     python experiments/det_protocol.py student --arm fgd --seed 0 --data-dir ../shared/data/bccd
     python experiments/det_protocol.py list
 (``experiments/run_bccd_protocol.sh`` runs the whole table; ``summarize_protocol.py --metric val_mAP`` sums it up.)

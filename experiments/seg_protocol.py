@@ -22,11 +22,17 @@ Setting (sized for 2 CPU cores: one student run takes 1.5-3 minutes):
     BN       BatchNorm statistics recomputed over 20 training batches before validation
              (lightningkd.callbacks.PreciseBatchNorm; torchvision's MobileNetV3 uses momentum 0.01).
 
+MasKD's tokens are learned on the teacher first (``tokens``: 8 tokens on its logits, 10 epochs, 460 steps,
+Adam lr 0.01, cosine: the detection stage's optimiser; the official segmentation stage uses SGD lr 0.1 for
+10k iterations), then the ``maskd`` arm reads them (eps 1e-5, weight 0.5). ``acam_kd`` puts one mask per
+class on the logits, alpha = lambda = 1.
+
 Arms are named entries of ``ARMS`` (a function of the teacher's channel count returning the distillers);
 a later distiller adds its own entry and reuses everything else.
 
 Usage:
     python experiments/seg_protocol.py teacher --data-dir ../shared/data/camvid
+    python experiments/seg_protocol.py tokens --data-dir ../shared/data/camvid   (MasKD's first stage)
     python experiments/seg_protocol.py student --arm cwd --seed 0 --data-dir ../shared/data/camvid
     python experiments/seg_protocol.py list
 (``experiments/run_camvid_protocol.sh`` runs the whole table.)
@@ -151,7 +157,20 @@ def _maskd(tokens: str) -> list[Distiller]:
     ]
 
 
-TOKEN_ARMS: dict[str, Callable[[str], list[Distiller]]] = {"maskd": _maskd}
+TOKEN_ARMS: dict[str, Callable[[str], list[Distiller]]] = {
+    "maskd": _maskd,
+    # ablation: the same loss 10x lighter (is the logits' squared error too strong from scratch?)
+    "maskd_light": lambda tokens: [
+        MasKD(
+            tokens=tokens,
+            student_layer="output",
+            teacher_layer="output",
+            channels=NUM_CLASSES,
+            eps=1e-5,
+            weight=0.05,
+        )
+    ],
+}
 COARSE_TEACHER_ARMS = {"bpkd_stride16"}
 
 
