@@ -143,33 +143,16 @@ ARMS: dict[str, Callable[[], list[Distiller]]] = {
 TOKENS_FILE = "maskd_tokens.pt"  # written by `seg_protocol.py tokens` next to the teacher
 
 
-def _maskd(tokens: str) -> list[Distiller]:
+def _maskd(tokens: str, weight: float = 0.5) -> list[Distiller]:
     # MasKD's segmentation setting: 8 tokens on the logits, eps 1e-5, factor 0.5 (LRASPP has no aux head)
-    return [
-        MasKD(
-            tokens=tokens,
-            student_layer="output",
-            teacher_layer="output",
-            channels=NUM_CLASSES,
-            eps=1e-5,
-            weight=0.5,
-        )
-    ]
+    settings = {"student_layer": "output", "teacher_layer": "output", "channels": NUM_CLASSES, "eps": 1e-5}
+    return [MasKD(tokens=tokens, weight=weight, **settings)]
 
 
 TOKEN_ARMS: dict[str, Callable[[str], list[Distiller]]] = {
     "maskd": _maskd,
     # ablation: the same loss 10x lighter (is the logits' squared error too strong from scratch?)
-    "maskd_light": lambda tokens: [
-        MasKD(
-            tokens=tokens,
-            student_layer="output",
-            teacher_layer="output",
-            channels=NUM_CLASSES,
-            eps=1e-5,
-            weight=0.05,
-        )
-    ],
+    "maskd_light": functools.partial(_maskd, weight=0.05),
 }
 COARSE_TEACHER_ARMS = {"bpkd_stride16"}
 

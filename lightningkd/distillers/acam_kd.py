@@ -9,11 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightningkd.distillers.base import Distiller, Features, sum_terms
+from lightningkd.distillers.base import Distiller, Features, read_aligned_pair, sum_terms
 from lightningkd.functional._helpers import (
-    check_built_channels,
     check_choice,
-    check_feature_pair,
     check_non_negative,
     check_positive_int,
 )
@@ -172,13 +170,6 @@ class ACAMKD(Distiller):
         nn.init.normal_(self.channel_tokens, 0.0, 0.01)
         nn.init.normal_(self.spatial_tokens, 0.0, 0.01)
 
-    def _aligned_pair(self, student: Features, teacher: Features) -> tuple[Tensor, Tensor]:
-        s, t = self.read_pair(student, teacher)
-        check_feature_pair("ACAMKD", s, t)
-        expected_s = self.channels if self.student_channels is None else self.student_channels
-        check_built_channels("ACAMKD", s, t, expected_s, self.channels)
-        return (s if self.align is None else self.align(s)), t
-
     def attention_masks(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Channel ``(N, M, C)`` and spatial ``(N, M, H, W)`` masks of an aligned student map and the
         teacher's."""
@@ -193,12 +184,12 @@ class ACAMKD(Distiller):
     @torch.no_grad()
     def spatial_masks(self, student: Features, teacher: Features) -> Tensor:
         """The ``(N, M, H, W)`` spatial masks for these features (for previews)."""
-        return self.attention_masks(*self._aligned_pair(student, teacher))[1]
+        return self.attention_masks(*read_aligned_pair(self, student, teacher))[1]
 
     def terms(
         self, student: Features, teacher: Features, batch: Mapping[str, Any] | None = None
     ) -> dict[str, Tensor]:
-        s, t = self._aligned_pair(student, teacher)
+        s, t = read_aligned_pair(self, student, teacher)
         channel_masks, spatial_masks = self.attention_masks(s, t)
         return acam_terms(
             s,

@@ -9,10 +9,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightningkd.functional._helpers import check_non_negative
+from lightningkd.functional._helpers import (
+    at_least_float32,
+    check_built_channels,
+    check_feature_pair,
+    check_non_negative,
+)
 from lightningkd.taps import OUTPUT, Features
 
-__all__ = ["OUTPUT", "Distiller", "Features", "require", "require_labels", "sum_terms"]
+__all__ = ["OUTPUT", "Distiller", "Features", "read_aligned_pair", "require", "require_labels", "sum_terms"]
 
 
 class Distiller(nn.Module, abc.ABC):
@@ -103,6 +108,27 @@ def sum_terms(terms: Mapping[str, Tensor]) -> Tensor:
     for value in values:
         total = total + value
     return total
+
+
+def read_aligned_pair(
+    distiller: Distiller, student: Features, teacher: Features, *, promote: bool = False
+) -> tuple[Tensor, Tensor]:
+    """The maps of a one-layer feature distiller with an optional 1x1 ``align`` conv (FGD, MGD, MasKD, ...).
+
+    Both maps are checked against the sizes the distiller was built for (its ``channels`` and
+    ``student_channels`` attributes; same batch and spatial size), and the student's map goes through
+    ``distiller.align`` when it has one. ``promote`` lifts half precision to float32 first.
+    """
+    who = type(distiller).__name__
+    s, t = distiller.read_pair(student, teacher)
+    check_feature_pair(who, s, t)
+    channels = distiller.channels
+    student_channels = distiller.student_channels
+    check_built_channels(who, s, t, channels if student_channels is None else student_channels, channels)
+    if promote:
+        s, t = at_least_float32(s), at_least_float32(t)
+    align = distiller.align
+    return (s if align is None else align(s)), t
 
 
 def require(features: Features, key: str, who: str, side: str) -> Tensor:

@@ -9,12 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightningkd.distillers.base import Distiller, Features, sum_terms
+from lightningkd.distillers.base import Distiller, Features, read_aligned_pair, sum_terms
 from lightningkd.functional._helpers import (
-    at_least_float32,
-    check_built_channels,
     check_choice,
-    check_feature_pair,
     check_non_negative,
     check_positive,
     check_positive_int,
@@ -223,13 +220,7 @@ class FGD(Distiller):
     def terms(
         self, student: Features, teacher: Features, batch: Mapping[str, Any] | None = None
     ) -> dict[str, Tensor]:
-        s, t = self.read_pair(student, teacher)
-        check_feature_pair("FGD", s, t)
-        expected_s = self.channels if self.student_channels is None else self.student_channels
-        check_built_channels("FGD", s, t, expected_s, self.channels)
-        s, t = at_least_float32(s), at_least_float32(t)
-        if self.align is not None:
-            s = self.align(s)
+        s, t = read_aligned_pair(self, student, teacher, promote=True)
         # the background is normalised in the features' precision, as the official code
         dtype = torch.promote_types(s.dtype, t.dtype)
         fg, bg = self.masks(batch, t.shape[0], (t.shape[2], t.shape[3]), dtype=dtype, device=t.device)

@@ -10,11 +10,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightningkd.distillers.base import Distiller, Features
+from lightningkd.distillers.base import Distiller, Features, read_aligned_pair
 from lightningkd.functional._helpers import (
     at_least_float32,
-    check_built_channels,
-    check_feature_pair,
     check_non_negative,
     check_positive_int,
 )
@@ -270,13 +268,6 @@ class MasKD(Distiller):
         if self.align is not None:
             self.align.reset_parameters()
 
-    def _aligned_pair(self, student: Features, teacher: Features) -> tuple[Tensor, Tensor]:
-        s, t = self.read_pair(student, teacher)
-        check_feature_pair("MasKD", s, t)
-        expected_s = self.channels if self.student_channels is None else self.student_channels
-        check_built_channels("MasKD", s, t, expected_s, self.channels)
-        return (s if self.align is None else self.align(s)), t
-
     def _masks(self, s: Tensor, t: Tensor) -> Tensor:
         masks = self.masker.masks(t)
         if self.custom_mask:
@@ -289,11 +280,11 @@ class MasKD(Distiller):
     @torch.no_grad()
     def spatial_masks(self, student: Features, teacher: Features) -> Tensor:
         """The ``(N, T, H, W)`` masks the loss would use now (for previews)."""
-        s, t = self._aligned_pair(student, teacher)
+        s, t = read_aligned_pair(self, student, teacher)
         return self._masks(s, t)
 
     def forward(self, student: Features, teacher: Features, batch: Mapping[str, Any] | None = None) -> Tensor:
-        s, t = self._aligned_pair(student, teacher)
+        s, t = read_aligned_pair(self, student, teacher)
         masks = self._masks(s, t)
         if self.training:
             self.calls += 1

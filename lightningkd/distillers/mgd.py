@@ -7,11 +7,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lightningkd.distillers.base import Distiller, Features
+from lightningkd.distillers.base import Distiller, Features, read_aligned_pair
 from lightningkd.functional._helpers import (
-    check_built_channels,
     check_choice,
-    check_feature_pair,
     check_non_negative,
     check_positive_int,
 )
@@ -111,12 +109,7 @@ class MGD(Distiller):
         self.generator[2].reset_parameters()
 
     def forward(self, student: Features, teacher: Features, batch: Mapping[str, Any] | None = None) -> Tensor:
-        s, t = self.read_pair(student, teacher)
-        check_feature_pair("MGD", s, t)
-        expected_s = self.channels if self.student_channels is None else self.student_channels
-        check_built_channels("MGD", s, t, expected_s, self.channels)
-        if self.align is not None:
-            s = self.align(s)
+        s, t = read_aligned_pair(self, student, teacher)
         return mgd_loss(s, t, self.generator, alpha=self.alpha, mask=self.mask, mask_ratio=self.mask_ratio)
 
     def extra_repr(self) -> str:
