@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from lightningkd.cli import main
 from lightningkd.models import classifier
@@ -317,3 +318,16 @@ def test_layers_command_reads_a_detection_recipe_without_its_weight_files(tmp_pa
     for part in (student, teacher):
         assert "{0: (1, 256, 8, 12), 1: (1, 256, 4, 6), 2: (1, 256, 2, 3), p6: (1, 256, 1, 2)," in part
         assert "backbone:0, backbone:1, backbone:2, backbone:p6, backbone:p7" in part
+
+
+def test_layers_command_reads_a_token_recipe_without_its_weight_files(tmp_path, capsys, monkeypatch) -> None:
+    # MasKD's first stage names the frozen teacher `model:`; its checkpoint need not exist, nor may the
+    # token file block building the module (only fit refuses an existing file)
+    monkeypatch.chdir(tmp_path)
+    recipe = ROOT / "recipes/detection/maskd/retinanet_resnet50_fpn_tokens_bccd.yaml"
+    (tmp_path / "runs/bccd").mkdir(parents=True)
+    (tmp_path / yaml.safe_load(recipe.read_text())["model"]["init_args"]["tokens_file"]).touch()
+    main(["layers", "--config", str(recipe)])
+    out = capsys.readouterr().out
+    assert "backbone.body.layer4.2.conv3" in out  # the ResNet-50 teacher's last bottleneck
+    assert "backbone:0, backbone:1, backbone:2, backbone:p6, backbone:p7" in out
