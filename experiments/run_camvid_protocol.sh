@@ -12,7 +12,7 @@ py=${PYTHON:-python}
 jobs=${JOBS:-2}
 arms=${ARMS-"student zero_weight pixel_kd cwd dist skd cirkd bpkd_previous bpkd maskd acam_kd"}
 seeds=${SEEDS-"0 1 2 3 4"}
-ablation=${ABLATION-"bpkd_light bpkd_light_T1 bpkd_edge_only bpkd_body_only bpkd_T1 bpkd_stride16 bpkd_width3 bpkd_nonzero bpkd_postmask acam_kd_alpha0.1 acam_kd_p2_sum acam_kd_elementwise maskd_light"}
+ablation=${ABLATION-"bpkd_light bpkd_light_T1 bpkd_edge_only bpkd_body_only bpkd_T1 bpkd_stride16 bpkd_width3 bpkd_nonzero bpkd_postmask acam_kd_alpha0.1 acam_kd_p2_sum acam_kd_elementwise acam_kd_uniform_masks maskd_light"}
 ablation_seeds=${ABLATION_SEEDS-"0 1 2"}
 mkdir -p "$out"
 [ -f "$out/teacher.ckpt" ] || $py experiments/seg_protocol.py teacher --data-dir "$data" --out-dir "$out"

@@ -111,6 +111,18 @@ def _acam(**overrides) -> Callable[[], list[Distiller]]:
     return lambda: [ACAMKD(num_masks=NUM_CLASSES, **settings, **overrides)]
 
 
+def _acam_uniform() -> list[Distiller]:
+    """Control: ACAM-KD with its mask tokens fixed at 0, so every mask is 0.5 everywhere and the channel and
+    spatial terms are each the plain mean squared error of the logits (what do the learned masks add?)."""
+    (acam,) = _acam()()
+    with torch.no_grad():
+        acam.channel_tokens.zero_()
+        acam.spatial_tokens.zero_()
+    acam.channel_tokens.requires_grad_(False)
+    acam.spatial_tokens.requires_grad_(False)
+    return [acam]
+
+
 ARMS: dict[str, Callable[[], list[Distiller]]] = {
     "student": lambda: [],
     # control: the teacher runs and a distiller is built, with weight 0 (same as the student alone?)
@@ -139,6 +151,7 @@ ARMS: dict[str, Callable[[], list[Distiller]]] = {
     "acam_kd_alpha0.1": _acam(alpha=0.1),
     "acam_kd_p2_sum": _acam(mask_power=2, normalize_by_mask_sum=False),
     "acam_kd_elementwise": _acam(channel_mask="elementwise"),
+    "acam_kd_uniform_masks": _acam_uniform,
 }
 TOKENS_FILE = "maskd_tokens.pt"  # written by `seg_protocol.py tokens` next to the teacher
 
