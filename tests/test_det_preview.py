@@ -462,7 +462,7 @@ def test_spatial_mask_columns_of_acam_kd_per_level() -> None:
         # the padded rows of the batch are not drawn: the tile stays grey below the image
         below = tile_region(grid, preview.last_tiles[row][3], tile_h, 128)[:, 2 * height :]
         assert below.numel() == 0 or bool((below == 217).all())
-    assert mask.amax() - mask.amin() > 0.2
+    assert mask.amax() - mask.amin() > 0.02  # not one flat value
     # max_masks limits the columns; mask_level picks another level of the wrapper (stride 16, 4 x 4)
     preview = DetectionPreview(num_images=2, max_masks=2, mask_level="1")
     preview.render(module, data, images, targets)
