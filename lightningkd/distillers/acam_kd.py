@@ -18,7 +18,7 @@ from lightningkd.functional._helpers import (
 from lightningkd.functional.acam_kd import (
     DIVERSITIES,
     Diversity,
-    acam_masks,
+    acam_mask_logits,
     acam_terms,
     cross_attention_fusion,
 )
@@ -170,16 +170,22 @@ class ACAMKD(Distiller):
         nn.init.normal_(self.channel_tokens, 0.0, 0.01)
         nn.init.normal_(self.spatial_tokens, 0.0, 0.01)
 
-    def attention_masks(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """Channel ``(N, M, C)`` and spatial ``(N, M, H, W)`` masks of an aligned student map and the
-        teacher's."""
+    def mask_logits(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """The logits of the channel ``(N, M, C)`` and spatial ``(N, M, H, W)`` masks of an aligned student
+        map and the teacher's."""
         source = s.detach() if self.detach_student else s
         if self.key_stride > 1:
             source = F.avg_pool2d(source, self.key_stride, ceil_mode=True)
         n, c, h, w = t.shape
         query = self.query(t).flatten(2)
         fused = cross_attention_fusion(query, self.key(source).flatten(2), self.value(source).flatten(2))
-        return acam_masks(fused.reshape(n, c, h, w), self.channel_tokens, self.spatial_tokens)
+        return acam_mask_logits(fused.reshape(n, c, h, w), self.channel_tokens, self.spatial_tokens)
+
+    def attention_masks(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Channel ``(N, M, C)`` and spatial ``(N, M, H, W)`` masks of an aligned student map and the
+        teacher's."""
+        channel, spatial = self.mask_logits(s, t)
+        return channel.sigmoid(), spatial.sigmoid()
 
     @torch.no_grad()
     def spatial_masks(self, student: Features, teacher: Features) -> Tensor:
@@ -190,18 +196,19 @@ class ACAMKD(Distiller):
         self, student: Features, teacher: Features, batch: Mapping[str, Any] | None = None
     ) -> dict[str, Tensor]:
         s, t = read_aligned_pair(self, student, teacher)
-        channel_masks, spatial_masks = self.attention_masks(s, t)
+        channel_logits, spatial_logits = self.mask_logits(s, t)
         return acam_terms(
             s,
             t,
-            channel_masks,
-            spatial_masks,
+            channel_logits,
+            spatial_logits,
             mask_power=self.mask_power,
             normalize_by_mask_sum=self.normalize_by_mask_sum,
             diversity=self.diversity,
             channel_weight=self.alpha,
             spatial_weight=self.alpha,
             diversity_weight=self.diversity_weight,
+            logits=True,
         )
 
     def forward(self, student: Features, teacher: Features, batch: Mapping[str, Any] | None = None) -> Tensor:

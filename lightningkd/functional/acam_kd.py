@@ -96,10 +96,20 @@ def acam_masks(fused: Tensor, channel_tokens: Tensor, spatial_tokens: Tensor) ->
         raise ValueError(
             f"acam_masks: channel_tokens must be ({m}, 1) or ({m}, {c}), got {shape_of(channel_tokens)}."
         )
+    channel, spatial = acam_mask_logits(fused, channel_tokens, spatial_tokens)
+    return channel.sigmoid(), spatial.sigmoid()
+
+
+def acam_mask_logits(fused: Tensor, channel_tokens: Tensor, spatial_tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """The logits of :func:`acam_masks` (before the sigmoid): ``m_c * mean_hw(F)`` and ``m_s . F``.
+
+    :func:`acam_terms` with ``logits=True`` takes them, to normalise by the masks' sums without dividing
+    0 by 0 when a sigmoid underflows.
+    """
     fused = at_least_float32(fused)
     pooled = fused.mean((2, 3))  # (N, C)
-    channel = (channel_tokens.to(fused.dtype)[None] * pooled[:, None, :]).sigmoid()
-    spatial = torch.einsum("mc,nchw->nmhw", spatial_tokens.to(fused.dtype), fused).sigmoid()
+    channel = channel_tokens.to(fused.dtype)[None] * pooled[:, None, :]
+    spatial = torch.einsum("mc,nchw->nmhw", spatial_tokens.to(fused.dtype), fused)
     return channel, spatial
 
 
@@ -115,6 +125,7 @@ def acam_terms(
     channel_weight: float = 1.0,
     spatial_weight: float = 1.0,
     diversity_weight: float = 1.0,
+    logits: bool = False,
 ) -> dict[str, Tensor]:
     """ACAM-KD's masked channel and spatial losses and the Dice diversity of the masks.
 
@@ -142,6 +153,9 @@ def acam_terms(
         channel_weight: the channel term's coefficient (the paper's alpha, 1); 0 drops the term.
         spatial_weight: the spatial term's coefficient (the paper's alpha, 1); 0 drops the term.
         diversity_weight: the diversity term's coefficient (the paper's lambda, 1); 0 drops the term.
+        logits: ``channel_masks`` and ``spatial_masks`` are the masks' logits (:func:`acam_mask_logits`):
+            the mask-sum normaliser is then computed in log space, finite even where a sigmoid underflows
+            to 0 (masks trained by this loss can be driven there).
 
     Returns:
         ``{"channel", "spatial", "diversity"}`` (those with a non-zero weight), each 0-dim and weighted.
@@ -170,17 +184,31 @@ def acam_terms(
         raise ValueError(f"{who}: spatial_masks must be ({n}, {m}, {h}, {w}), got {shape_of(spatial_masks)}.")
     positions = h * w
     sq = (at_least_float32(teacher) - at_least_float32(student)).pow(2)
+    channel_logits = spatial_logits = None
+    if logits:
+        channel_logits, spatial_logits = at_least_float32(channel_masks), at_least_float32(spatial_masks)
+        channel_masks, spatial_masks = channel_logits.sigmoid(), spatial_logits.sigmoid()
     out: dict[str, Tensor] = {}
     if channel_weight:
-        per_channel = sq.sum((2, 3))  # (N, C)
-        numerator = torch.einsum("nmc,nc->nm", channel_masks.pow(mask_power), per_channel)
-        divisor = positions * (channel_masks.sum(-1) if normalize_by_mask_sum else c)
-        out["channel"] = channel_weight * (numerator / divisor).mean()
+        per_channel = sq.sum((2, 3)) / positions  # (N, C)
+        out["channel"] = (
+            channel_weight
+            * _masked_mean(
+                channel_masks, channel_logits, per_channel, mask_power, normalize_by_mask_sum
+            ).mean()
+        )
     if spatial_weight:
-        per_position = sq.sum(1)  # (N, H, W)
-        numerator = torch.einsum("nmhw,nhw->nm", spatial_masks.pow(mask_power), per_position)
-        divisor = c * (spatial_masks.sum((2, 3)) if normalize_by_mask_sum else positions)
-        out["spatial"] = spatial_weight * (numerator / divisor).mean()
+        per_position = sq.sum(1).flatten(1) / c  # (N, HW)
+        out["spatial"] = (
+            spatial_weight
+            * _masked_mean(
+                spatial_masks.flatten(2),
+                _flat(spatial_logits),
+                per_position,
+                mask_power,
+                normalize_by_mask_sum,
+            ).mean()
+        )
     if diversity != "none" and diversity_weight and m > 1:
         dice = dice_diversity(spatial_masks)
         if diversity == "both":
@@ -189,3 +217,25 @@ def acam_terms(
     if not out:
         raise ValueError(f"{who}: every term has weight 0; give at least one a positive weight.")
     return out
+
+
+def _flat(x: Tensor | None) -> Tensor | None:
+    return None if x is None else x.flatten(2)
+
+
+def _masked_mean(masks: Tensor, logits: Tensor | None, error: Tensor, power: int, normalize: bool) -> Tensor:
+    """``sum_k m[n, j, k]^p e[n, k] / sum_k m[n, j, k]`` (``normalize``) or ``/ K``, per image and mask.
+
+    From ``logits``, the normaliser is computed as ``exp((p - 1) L) sum_k w^p e / sum_k w`` with
+    ``w = exp(log m - L)`` and ``L`` the largest ``log m`` of the mask: the same value, and finite even when
+    every ``m`` underflows to 0 (then the plain ratio is 0 / 0, and its gradient NaN).
+    """
+    if not normalize:
+        return torch.einsum("njk,nk->nj", masks.pow(power), error) / error.shape[-1]
+    if logits is None:
+        return torch.einsum("njk,nk->nj", masks.pow(power), error) / masks.sum(-1)
+    log_masks = F.logsigmoid(logits)
+    top = log_masks.amax(-1, keepdim=True)
+    weights = (log_masks - top).exp()
+    ratio = torch.einsum("njk,nk->nj", weights.pow(power), error) / weights.sum(-1)
+    return ratio * ((power - 1) * top.squeeze(-1)).exp()

@@ -645,3 +645,44 @@ def test_functional_rejects_bad_inputs() -> None:
         acam_terms(fused, fused, c[:, :, :3], sp)
     with pytest.raises(ValueError, match=r"spatial_masks must be \(2, 3, 3, 3\), got \(2, 2, 3, 3\)"):
         acam_terms(fused, fused, c, sp[:, :2])
+
+
+@pytest.mark.parametrize("power", [1, 2])
+def test_terms_from_logits_equal_the_masks_and_stay_finite_where_sigmoids_underflow(power: int) -> None:
+    from lightningkd.functional.acam_kd import acam_terms
+
+    torch.manual_seed(40)
+    s, t = torch.randn(2, 3, 4, 5, requires_grad=True), torch.randn(2, 3, 4, 5)
+    channel_logits, spatial_logits = torch.randn(2, 4, 3), torch.randn(2, 4, 4, 5)
+    by_logits = acam_terms(s, t, channel_logits, spatial_logits, mask_power=power, logits=True)
+    by_masks = acam_terms(s, t, channel_logits.sigmoid(), spatial_logits.sigmoid(), mask_power=power)
+    for key in by_masks:
+        torch.testing.assert_close(by_logits[key], by_masks[key])
+    # every sigmoid of one spatial mask underflows to exactly 0 in float32: the mask-sum ratio of the plain
+    # masks is 0 / 0, the log-space one is the error at the mask's least negative logit (power 1)
+    collapsed = spatial_logits.clone()
+    collapsed[0, 1] = -1000.0
+    collapsed[0, 1, 2, 3] = -900.0
+    logits = collapsed.requires_grad_(True)
+    assert bool((logits[0, 1].sigmoid() == 0).all())
+    terms = acam_terms(s, t, channel_logits, logits, mask_power=power, logits=True, diversity="none")
+    assert torch.isfinite(terms["spatial"])
+    sum(terms.values()).backward()
+    assert torch.isfinite(s.grad).all() and torch.isfinite(logits.grad).all()
+    plain = acam_terms(
+        s, t, channel_logits.sigmoid(), logits.detach().sigmoid(), mask_power=power, diversity="none"
+    )
+    assert torch.isnan(plain["spatial"])  # what the logits path avoids
+    if power == 1:  # the collapsed mask weighs only its least negative position: its error alone
+        error = (t - s.detach()).pow(2).sum(1)[0, 2, 3] / 3
+        per_mask = error.item()
+        rest = [
+            (
+                (spatial_logits[n, j].detach().sigmoid() * (t - s.detach()).pow(2).sum(1)[n] / 3).sum()
+                / spatial_logits[n, j].detach().sigmoid().sum()
+            ).item()
+            for n in range(2)
+            for j in range(4)
+            if (n, j) != (0, 1)
+        ]
+        assert terms["spatial"].item() == pytest.approx((per_mask + sum(rest)) / 8, rel=1e-5)
