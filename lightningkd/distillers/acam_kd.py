@@ -64,6 +64,10 @@ class ACAMKD(Distiller):
       channel and mask (``sigmoid(m_c * v)`` with ``m_c`` ``(M, C)``);
     - ``num_masks``: 6 in detection and one per class in segmentation (19 on Cityscapes), per the notes.
 
+    The masks are trained by the loss they weigh, which can push a mask's logits so low that every sigmoid
+    underflows to 0 (seen on BCCD's coarsest FPN level); the mask-sum normaliser is therefore computed from
+    the logits in log space (same value, finite there).
+
     Mask tokens start from N(0, 0.01^2) (as MasKD's tokens: every mask starts near 0.5); the projections
     use PyTorch's default init. The paper's settings: detection on the FPN levels (which levels is not
     stated; all five as MasKD: :class:`~lightningkd.distillers.PerLevel`) with the student's neck and head
