@@ -26,8 +26,6 @@ from lightningkd.callbacks.preview_io import (
     tapped_features,
 )
 
-# layout of the picture, in pixels (the figure is drawn at 100 dpi, so 1 inch = 100 px)
-
 
 class SegmentationPreview(L.Callback):
     """Log a labelled picture of a few fixed validation images with their labels and both models' predictions.

@@ -55,7 +55,6 @@ class _TokenLearning:
         self.student.requires_grad_(False)
         modules = dict(self.student.named_modules())
         self._masks: list[Tensor] = []
-        self._hooks = []
         for layer in self.token_layers:
             module_name, sep, item = layer.partition(ITEM_SEPARATOR)
             module_name = "" if module_name == OUTPUT else module_name
@@ -66,7 +65,7 @@ class _TokenLearning:
                     f"'output' (the model's output), {valid[:40]}{' ...' if len(valid) > 40 else ''}."
                 )
             hook = partial(self._mask_output, layer, item if sep else None)
-            self._hooks.append(modules[module_name].register_forward_hook(hook))
+            modules[module_name].register_forward_hook(hook)
         # the teacher's BatchNorm and dropout in eval mode from the start: Lightning does not call
         # train() when fit starts, so the override below alone would let the running statistics move
         self.train(self.training)  # type: ignore[attr-defined]
