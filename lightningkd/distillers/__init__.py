@@ -1,6 +1,7 @@
 """Distillation losses (one file per method). Every public class takes explicit keyword arguments."""
 
 from lightningkd.distillers.acam_kd import ACAMKD
+from lightningkd.distillers.adapted import Adapted
 from lightningkd.distillers.at import AT
 from lightningkd.distillers.base import OUTPUT, Distiller, Features, sum_terms
 from lightningkd.distillers.bpkd import BPKD
@@ -22,6 +23,7 @@ from lightningkd.distillers.skd import SKD, PairwiseSimilarityKD
 
 __all__ = [
     "ACAMKD",
+    "Adapted",
     "AT",
     "BPKD",
     "CIRKDMemory",

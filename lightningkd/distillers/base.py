@@ -14,6 +14,7 @@ from lightningkd.functional._helpers import (
     check_built_channels,
     check_feature_pair,
     check_non_negative,
+    token_map_mismatch,
 )
 from lightningkd.taps import OUTPUT, Features
 
@@ -84,10 +85,12 @@ class Distiller(nn.Module, abc.ABC):
     def read_pair(self, student: Features, teacher: Features) -> tuple[Tensor, Tensor]:
         """The student's and teacher's features of a one-layer distiller (its first named layers)."""
         who = type(self).__name__
-        return (
-            require(student, self.student_layers[0], who, "student"),
-            require(teacher, self.teacher_layers[0], who, "teacher"),
-        )
+        s = require(student, self.student_layers[0], who, "student")
+        t = require(teacher, self.teacher_layers[0], who, "teacher")
+        mixed = token_map_mismatch(who, s, t)  # a transformer's tokens against a CNN's map
+        if mixed:
+            raise ValueError(mixed)
+        return s, t
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}, name={self.name!r}"

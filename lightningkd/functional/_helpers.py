@@ -172,12 +172,41 @@ def check_dense_pair(
     return at_least_float32(student), at_least_float32(teacher)
 
 
+def token_map_mismatch(who: str, student: object, teacher: object) -> str | None:
+    """A message naming both shapes and the adapter to use when one side is tokens and the other a map.
+
+    Returns ``None`` when both have the same number of dimensions (or either is not a tensor).
+
+    Example:
+        >>> print(token_map_mismatch("FitNet", torch.zeros(2, 8, 4, 4), torch.zeros(2, 17, 8)))  # doctest: +ELLIPSIS
+        FitNet: the student gives a (N, C, H, W) map (2, 8, 4, 4) and the teacher (N, L, C) tokens ...
+    """
+    dims = (getattr(student, "ndim", None), getattr(teacher, "ndim", None))
+    if None in dims or dims[0] == dims[1] or set(dims) != {3, 4}:
+        return None
+    side = "teacher" if dims[1] == 3 else "student"
+    other = "student" if side == "teacher" else "teacher"
+    tokens, grid = (teacher, student) if side == "teacher" else (student, teacher)
+    h, w = grid.shape[-2:]
+    prefix = tokens.shape[1] - h * w
+    guess = f"prefix_tokens={prefix}" if prefix >= 0 else "prefix_tokens=<the model's count>"
+    return (
+        f"{who}: the {other} gives a (N, C, H, W) map {tuple(grid.shape)} and the {side} (N, L, C) tokens "
+        f"{tuple(tokens.shape)}. Convert the tokens to a map first: lightningkd.adapters.TokensToMap("
+        f"{guess}, grid=({h}, {w})) (or a distiller made for mixed pairs: OFA, ScaleKD, TransKD); a Swin "
+        "stage's (N, H, W, C) output needs TokensToMap(layout='nhwc')."
+    )
+
+
 def check_feature_pair(who: str, student: Tensor, teacher: Tensor) -> None:
     """Check two ``(B, C, H, W)`` feature maps with the same batch and spatial size (channels may differ).
 
     Example:
         >>> check_feature_pair("cirkd", torch.zeros(2, 4, 3, 3), torch.zeros(2, 8, 3, 3))
     """
+    mixed = token_map_mismatch(who, student, teacher)
+    if mixed:
+        raise ValueError(mixed)
     if student.ndim != 4 or teacher.ndim != 4:
         raise ValueError(
             f"{who} expects (B, C, H, W) feature maps, got student {tuple(student.shape)} and teacher "
