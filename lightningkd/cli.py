@@ -6,6 +6,7 @@ plain LightningCLI configs: any LightningCLI built on ``DistillationModule`` run
     lightningkd fit --config recipes/classification/kd/shufflenet_v2_x0_5_from_resnet18_synthetic.yaml
     lightningkd fit --config recipe.yaml --config recipes/trainer/gpu_bf16.yaml
     lightningkd layers --model resnet18 --num_classes 10 --small_input --input_size 3 32 32
+    lightningkd layers --model deit_tiny_distilled_patch16_224 --small_input --input_size 3 32 32
     lightningkd layers --model retinanet_resnet18_fpn --num_classes 20 --input_size 3 512 512
     lightningkd layers --config recipe.yaml
     lightningkd export path/to/last.ckpt student.pt
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 import traceback
@@ -122,7 +124,17 @@ def _layers(argv: Sequence[str]) -> None:
         f"{_DEFAULT_DETECTOR_CLASSES})",
     )
     parser.add_argument(
-        "--small_input", action="store_true", help="CIFAR stem (3x3 stride-1 conv, no max-pool)"
+        "--small_input",
+        action="store_true",
+        help="build for 32x32 images: CIFAR stem for CNNs (3x3 stride-1 conv, no max-pool); timm ViT/DeiT "
+        "with 4-pixel patches, Swin with 2-pixel patches and 4x4 windows, ConvNeXt with a stride-1 stem",
+    )
+    parser.add_argument(
+        "--model_kwargs",
+        type=_json_dict,
+        default=None,
+        metavar="JSON",
+        help="timm classifiers: keyword arguments for timm.create_model, e.g. '{\"depth\": 6}'",
     )
     parser.add_argument(
         "--input_size",
@@ -135,6 +147,11 @@ def _layers(argv: Sequence[str]) -> None:
     example = torch.zeros(1, *ns.input_size) if ns.input_size else None
     if ns.model or ns.mmseg:
         is_detector = ns.model in detector_names()
+        is_classifier = not (ns.mmseg or is_detector) and ns.model not in torchvision.models.list_models(
+            module=torchvision.models.segmentation
+        )
+        if ns.model_kwargs is not None and not is_classifier:
+            raise ValueError("--model_kwargs applies to timm classifiers (--model NAME) only.")
         if ns.num_classes is None:
             ns.num_classes = _DEFAULT_DETECTOR_CLASSES if is_detector else _DEFAULT_CLASSES
         if ns.mmseg:
@@ -144,9 +161,15 @@ def _layers(argv: Sequence[str]) -> None:
         elif ns.model in torchvision.models.list_models(module=torchvision.models.segmentation):
             model = TorchvisionSegmenter(ns.model, num_classes=ns.num_classes)
         else:
-            model = classifier(ns.model, num_classes=ns.num_classes, small_input=ns.small_input)
+            model = classifier(
+                ns.model, num_classes=ns.num_classes, small_input=ns.small_input, model_kwargs=ns.model_kwargs
+            )
         print(_describe(model.eval(), example, ns.model or ns.mmseg))
         return
+    if ns.model_kwargs is not None:
+        raise ValueError(
+            "--model_kwargs applies to --model; a recipe gives model_kwargs in its model section."
+        )
     module = _model_from_configs(ns.config)
     for who in ("student", "teacher"):
         model = getattr(module, who)
@@ -159,6 +182,45 @@ _DEFAULT_CLASSES = 1000
 _DEFAULT_DETECTOR_CLASSES = 3
 
 
+def _json_dict(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON ({err}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"depth\": 6}}', got {text!r}")
+    return value
+
+
+def _token_lines(model: torch.nn.Module) -> str:
+    """Lines on the token layout of a timm transformer: its prefix-token count, NHWC stage outputs.
+
+    The token -> map adapters take the count as a named argument (``TokensToMap(prefix_tokens=...)``) and
+    the layout as ``layout="nhwc"``; nothing guesses them, so the listing states them. ``""`` for others.
+    """
+    lines = []
+    prefix = getattr(model, "num_prefix_tokens", None)
+    if isinstance(prefix, int) and not isinstance(prefix, bool):
+        kinds = []
+        if getattr(model, "cls_token", None) is not None:
+            kinds.append("class token")
+        if getattr(model, "dist_token", None) is not None:
+            kinds.append("distillation token")
+        registers = getattr(model, "num_reg_tokens", 0)
+        if isinstance(registers, int) and registers > 0:
+            kinds.append(f"{registers} register token{'s' if registers > 1 else ''}")
+        kinds_text = f" ({', '.join(kinds)})" if kinds else ""
+        lines.append(
+            f"prefix tokens: {prefix}{kinds_text}: token outputs (N, L, C) start with them; "
+            f"TokensToMap(prefix_tokens={prefix}) drops them"
+        )
+    if getattr(model, "output_fmt", None) == "NHWC":
+        lines.append(
+            "stage outputs are NHWC (N, H, W, C): TokensToMap(layout='nhwc') turns them into (N, C, H, W) maps"
+        )
+    return "".join(f"\n{line}" for line in lines)
+
+
 def _describe(model: torch.nn.Module, example: torch.Tensor | None, name: str) -> str:
     """``describe_layers`` with an input-size error that names the expected channels.
 
@@ -167,7 +229,7 @@ def _describe(model: torch.nn.Module, example: torch.Tensor | None, name: str) -
     feeds it); the FPN levels' tap names close the table.
     """
     if example is None:
-        return describe_layers(model) + _fpn_line(model)
+        return describe_layers(model) + _fpn_line(model) + _token_lines(model)
     first = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
     if first is not None and first.in_channels != example.shape[1]:
         raise ValueError(
@@ -176,7 +238,7 @@ def _describe(model: torch.nn.Module, example: torch.Tensor | None, name: str) -
         )
     try:
         with _as_given(model, example) as model_input:
-            return describe_layers(model, model_input) + _fpn_line(model, shapes=True)
+            return describe_layers(model, model_input) + _fpn_line(model, shapes=True) + _token_lines(model)
     except (RuntimeError, AssertionError, ValueError) as err:  # conv shape errors, timm's size asserts
         raise ValueError(
             f"{name} cannot run on an input of shape {tuple(example.shape)} (--input_size "

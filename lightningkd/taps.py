@@ -16,7 +16,8 @@ OUTPUT = "output"
 """Key of the model's own output in :data:`Features` (always present, never a layer name)."""
 
 ITEM_SEPARATOR = ":"
-"""``"<layer>:<key>"`` taps one entry of a layer that returns a dict, e.g. an FPN level ``"backbone:p6"``."""
+"""``"<layer>:<key>"`` taps one entry of a layer that returns a dict (an FPN level ``"backbone:p6"``) or,
+with an integer key, of a layer that returns a list or tuple (an mmseg backbone's stage ``"backbone:2"``)."""
 
 
 def list_layers(model: nn.Module) -> list[str]:
@@ -70,9 +71,12 @@ class FeatureTap:
     and the model's own output under ``"output"``. Stored features are cleared at every call, so nothing
     from a previous batch leaks into the next.
 
-    A name ``"<layer>:<key>"`` records the entry ``key`` of a layer that returns a dict (the FPN levels of
-    a torchvision detector's ``backbone``: ``"backbone:0"`` ... ``"backbone:pool"``); a key the layer does
-    not return fails at the first call with the keys it does return.
+    A name ``"<layer>:<key>"`` records one entry of a layer's output: the entry ``key`` of a dict (the FPN
+    levels of a torchvision detector's ``backbone``: ``"backbone:0"`` ... ``"backbone:pool"``), or the
+    entry at index ``key`` (a non-negative integer) of a list or tuple (the stage maps of an mmseg
+    backbone: ``"backbone:0"`` ... ``"backbone:3"``; the tokens of mmseg's ``PatchEmbed``, which returns
+    ``(tokens, hw_shape)``: ``"backbone.layers.0.0:0"``). A key the layer does not return, or an index out
+    of range, fails at the first call naming the keys it does return or the length of its output.
 
     Args:
         model: any ``nn.Module``; it is not modified apart from the hooks.
@@ -125,15 +129,21 @@ class FeatureTap:
         for name, key in names:
             if key is None:
                 self.features[name] = output
-            elif isinstance(output, Mapping) and key in output:
+            elif isinstance(output, Mapping):
+                if key not in output:
+                    keys = list(output)
+                    raise KeyError(
+                        f"Layer {name!r}: {module_name!r} returns the keys {keys}; name one of them after "
+                        f"{ITEM_SEPARATOR!r}"
+                        + (f" (e.g. {module_name}{ITEM_SEPARATOR}{keys[0]})." if keys else ".")
+                    )
                 self.features[name] = output[key]
+            elif isinstance(output, (list, tuple)):
+                self.features[name] = output[_sequence_index(name, module_name, key, output)]
             else:
-                keys = list(output) if isinstance(output, Mapping) else None
                 raise KeyError(
-                    f"Layer {name!r}: {module_name!r} returns "
-                    + (f"the keys {keys}" if keys is not None else f"a {type(output).__name__}, not a dict")
-                    + f"; name one of them after {ITEM_SEPARATOR!r}"
-                    + (f" (e.g. {module_name}{ITEM_SEPARATOR}{keys[0]})." if keys else ".")
+                    f"Layer {name!r}: {module_name!r} returns a {type(output).__name__}, not a dict, list or "
+                    f"tuple; tap it as {module_name!r} (the whole output)."
                 )
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -164,6 +174,20 @@ class FeatureTap:
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+
+
+def _sequence_index(name: str, module_name: str, key: str, output: Sequence[Any]) -> int:
+    """The index named by ``key`` in a list/tuple output, or a KeyError naming the output's length."""
+    n = len(output)
+    what = f"a {type(output).__name__} of length {n} (" + (f"indices 0 to {n - 1})" if n else "no entries)")
+    if not (key.isascii() and key.isdigit()):
+        raise KeyError(
+            f"Layer {name!r}: {module_name!r} returns {what}, read by index: name a non-negative integer "
+            f"after {ITEM_SEPARATOR!r} (e.g. {module_name}{ITEM_SEPARATOR}0), not {key!r}."
+        )
+    if int(key) >= n:
+        raise KeyError(f"Layer {name!r}: index {int(key)} is out of range: {module_name!r} returns {what}.")
+    return int(key)
 
 
 def _abbreviate(names: Sequence[str], limit: int = 60) -> str:

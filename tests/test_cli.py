@@ -331,3 +331,51 @@ def test_layers_command_reads_a_token_recipe_without_its_weight_files(tmp_path, 
     out = capsys.readouterr().out
     assert "backbone.body.layer4.2.conv3" in out  # the ResNet-50 teacher's last bottleneck
     assert "backbone:0, backbone:1, backbone:2, backbone:p6, backbone:p7" in out
+
+
+def _layer_rows(out: str) -> dict[str, str]:
+    return {line.split()[0]: line.split(maxsplit=1)[1] for line in out.splitlines() if line.strip()}
+
+
+def test_layers_command_lists_vit_tokens_and_the_prefix_count(capsys) -> None:
+    main(["layers", "--model", "vit_tiny_patch16_224", "--num_classes", "10", "--small_input"]
+         + ["--input_size", "3", "32", "32", "--model_kwargs", '{"depth": 2}'])  # fmt: skip
+    out = capsys.readouterr().out
+    rows = _layer_rows(out)
+    assert rows["patch_embed"] == "PatchEmbed  (1, 64, 192)"  # 8x8 patches of 4 pixels
+    assert rows["blocks.1"] == "Block  (1, 65, 192)" and "blocks.2" not in rows  # class token + 64
+    assert "prefix tokens: 1 (class token): token outputs (N, L, C) start with them" in out
+    assert "TokensToMap(prefix_tokens=1)" in out and "NHWC" not in out
+
+
+def test_layers_command_counts_the_distillation_token(capsys) -> None:
+    main(["layers", "--model", "deit_tiny_distilled_patch16_224", "--num_classes", "10", "--small_input"]
+         + ["--input_size", "3", "32", "32"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert _layer_rows(out)["blocks.11"] == "Block  (1, 66, 192)"
+    assert "prefix tokens: 2 (class token, distillation token)" in out.splitlines()[-1]
+
+
+def test_layers_command_lists_swin_stages_as_nhwc(capsys) -> None:
+    main(["layers", "--model", "swin_tiny_patch4_window7_224", "--num_classes", "10", "--small_input"]
+         + ["--input_size", "3", "32", "32"])  # fmt: skip
+    out = capsys.readouterr().out
+    rows = _layer_rows(out)
+    stages = [rows[f"layers.{i}"] for i in range(4)]
+    assert stages == [
+        "SwinTransformerStage  (1, 16, 16, 96)",
+        "SwinTransformerStage  (1, 8, 8, 192)",
+        "SwinTransformerStage  (1, 4, 4, 384)",
+        "SwinTransformerStage  (1, 2, 2, 768)",
+    ]
+    assert out.splitlines()[-1].startswith("stage outputs are NHWC (N, H, W, C): TokensToMap(layout='nhwc')")
+    assert "prefix tokens" not in out
+
+
+def test_layers_model_kwargs_must_be_a_json_object_for_a_classifier(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["layers", "--model", "vit_tiny_patch16_224", "--model_kwargs", "[1]"])
+    assert "expected a JSON object" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["layers", "--model", "retinanet_resnet18_fpn", "--model_kwargs", '{"depth": 2}'])
+    assert "--model_kwargs applies to timm classifiers" in capsys.readouterr().err

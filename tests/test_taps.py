@@ -129,3 +129,63 @@ def test_run_calls_a_part_of_the_model_and_keeps_what_it_tapped() -> None:
     assert set(features) == {"backbone.body", "backbone:0", "output"}
     assert set(features["output"]) == {"0", "pool"}
     assert tap.features == {}
+
+
+class SequenceOut(nn.Module):
+    """Returns a list of two maps (as an mmseg backbone) or ``(tokens, hw_shape)`` (as mmseg's PatchEmbed)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.body = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        y = self.body(x)
+        if self.kind == "list":
+            return [y, y[..., ::2, ::2]]
+        return y.flatten(2).transpose(1, 2), tuple(y.shape[-2:])
+
+
+class SequenceHolder(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.backbone = SequenceOut(kind)
+
+    def forward(self, x):
+        return self.backbone(x)[0].sum()
+
+
+def test_colon_index_taps_one_entry_of_a_list_or_tuple_output() -> None:
+    tap = FeatureTap(SequenceHolder("list"), ["backbone:1", "backbone:0", "backbone"])
+    features = tap(torch.zeros(1, 3, 4, 6))
+    assert features["backbone:0"].shape == (1, 4, 4, 6)
+    assert features["backbone:1"].shape == (1, 4, 2, 3)
+    assert isinstance(features["backbone"], list) and len(features["backbone"]) == 2
+    assert features["backbone:1"] is features["backbone"][1]
+    tap = FeatureTap(SequenceHolder("tuple"), ["backbone:0", "backbone:1"])
+    features = tap(torch.zeros(2, 3, 4, 6))
+    assert features["backbone:0"].shape == (2, 24, 4)  # tokens of a 4x6 grid
+    assert features["backbone:1"] == (4, 6)
+
+
+def test_colon_index_out_of_range_or_not_an_integer_names_the_length() -> None:
+    for kind, length in (("list", 2), ("tuple", 2)):
+        tap = FeatureTap(SequenceHolder(kind), ["backbone:2"])
+        with pytest.raises(
+            KeyError, match=rf"index 2 is out of range.*a {kind} of length {length} \(indices 0 to 1\)"
+        ):
+            tap(torch.zeros(1, 3, 4, 4))
+    tap = FeatureTap(SequenceHolder("list"), ["backbone:p6"])
+    with pytest.raises(KeyError, match=r"a list of length 2.*non-negative integer.*backbone:0.*'p6'"):
+        tap(torch.zeros(1, 3, 4, 4))
+    tap = FeatureTap(SequenceHolder("list"), ["backbone:-1"])
+    with pytest.raises(KeyError, match="non-negative integer"):
+        tap(torch.zeros(1, 3, 4, 4))
+
+
+def test_colon_name_of_a_tensor_output_says_to_tap_the_whole_layer() -> None:
+    tap = FeatureTap(Holder(), ["backbone.body:0"])
+    with pytest.raises(
+        KeyError, match=r"returns a Tensor, not a dict, list or tuple; tap it as 'backbone.body'"
+    ):
+        tap(torch.zeros(1, 3, 4, 4))

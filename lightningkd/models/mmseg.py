@@ -33,6 +33,7 @@ mobilenet_v2/mobilenet-v2-d8_deeplabv3_4xb2-80k_cityscapes-512x1024      8      
 fcn/fcn_r18-d8_4xb2-80k_cityscapes-512x1024                              8       ResNetV1c-18
 fcn/fcn_r50-d8_4xb2-80k_cityscapes-512x1024                              8       ResNetV1c-50
 segformer/segformer_mit-b0_8xb1-160k_cityscapes-1024x1024                4       MixVisionTransformer-B0
+segformer/segformer_mit-b1_8xb1-160k_cityscapes-1024x1024                4       MixVisionTransformer-B1
 segformer/segformer_mit-b2_8xb1-160k_cityscapes-1024x1024                4       MixVisionTransformer-B2
 bisenetv1/bisenetv1_r18-d32_4xb4-160k_cityscapes-1024x1024               8       ResNet-18, plain stem
 bisenetv2/bisenetv2_fcn_4xb4-160k_cityscapes-1024x1024                   8       BiSeNetV2, 4 aux heads
@@ -43,6 +44,13 @@ ocrnet/ocrnet_hr18s_4xb2-80k_cityscapes-512x1024                         4      
 upernet/upernet_r18_4xb2-80k_cityscapes-512x1024                         4       ResNetV1c-18
 ccnet/ccnet_r50-d8_4xb2-40k_cityscapes-512x1024                          8       ResNetV1c-50
 =======================================================================  ======  ========================
+
+SegFormer (MiT-B0/B1/B2; also measured at a non-square 64x80 input) has no auxiliary head. Its backbone
+returns the four stage maps as a list, tapped as ``backbone:0`` ... ``backbone:3`` (stride 4 ... 32, sides
+rounded up); ``backbone.layers.<i>.0:0`` taps stage ``i``'s patch-embedding tokens ``(N, H_i * W_i, C_i)``
+(mmseg's ``PatchEmbed`` returns ``(tokens, hw_shape)``), ``backbone.layers.<i>.2`` the stage's normalised
+tokens, ``decode_head.convs.<i>`` the per-stage projections and ``decode_head.fusion_conv`` the fused
+feature. The tokens carry no class token.
 
 (*) STDC's third auxiliary head (``auxiliary_head.2``, ``STDCHead``) predicts 2-class boundaries (a
 binary detail loss in mmseg), not the classes: ``num_classes`` leaves it at 2.
