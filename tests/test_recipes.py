@@ -56,6 +56,9 @@ def synthetic_overrides(recipe: Path) -> list[str]:
         }
     else:
         image_size = 64 if num_classes > 100 else 32  # ImageNet recipes: small images keep CPU time low
+        # ScaleKD's projectors have fixed-size positional embeddings and queries: its recipes run at their size
+        if any(str(d.get("class_path", "")).endswith(".ScaleKD") for d in init.get("distillers") or []):
+            image_size = spec["data"]["init_args"].get("image_size", image_size)
         data = {
             "class_path": "datamodules.SyntheticClassificationDataModule",
             "init_args": {

@@ -15,11 +15,14 @@ from lightningkd.distillers.kd import KD
 from lightningkd.distillers.maskd import MasKD
 from lightningkd.distillers.mgd import MGD
 from lightningkd.distillers.nd import ND
+from lightningkd.distillers.ofa import OFA
 from lightningkd.distillers.per_level import PerLevel
 from lightningkd.distillers.pixel_kd import PixelKD
 from lightningkd.distillers.pkd import PKD
 from lightningkd.distillers.rkd import RKD
+from lightningkd.distillers.scalekd import ScaleKD
 from lightningkd.distillers.skd import SKD, PairwiseSimilarityKD
+from lightningkd.distillers.transkd import TransKD
 
 __all__ = [
     "ACAMKD",
@@ -42,7 +45,10 @@ __all__ = [
     "PerLevel",
     "KD",
     "ND",
+    "OFA",
     "RKD",
+    "ScaleKD",
+    "TransKD",
     "Distiller",
     "Features",
     "FitNet",

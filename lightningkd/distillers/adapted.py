@@ -87,9 +87,7 @@ class Adapted(Distiller):
         self.needs_teacher_grad = distiller.needs_teacher_grad
 
     def attach_teacher(self, teacher: nn.Module) -> None:
-        attach = getattr(self.distiller, "attach_teacher", None)
-        if callable(attach):
-            attach(teacher)
+        self.distiller.attach_teacher(teacher)
 
     def adapt(self, student: Features, teacher: Features) -> tuple[dict[str, Any], dict[str, Any]]:
         """The features with the adapters applied to the layers the inner distiller reads."""

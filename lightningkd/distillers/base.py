@@ -25,7 +25,8 @@ class Distiller(nn.Module, abc.ABC):
     """Base class of the distillation losses.
 
     A distiller receives the features of the student and of the teacher (tapped by the LightningModule)
-    and returns one *unweighted* 0-dim loss. It never runs a model. Learnable adapters are created in
+    and returns one *unweighted* 0-dim loss. It never runs a model (the one exception, later teacher layers
+    run on student-derived features, goes through :meth:`attach_teacher`). Learnable adapters are created in
     ``__init__`` from explicit sizes, so they exist before the optimizer is built and are saved in
     checkpoints with the student.
 
@@ -45,6 +46,8 @@ class Distiller(nn.Module, abc.ABC):
         needs_labels: the distiller reads ``batch["target"]``.
         needs_teacher_grad: the teacher's features must keep their autograd graph (rare; e.g. methods that
             back-propagate through frozen teacher layers). Off by default: the teacher runs under no_grad.
+            A distiller that only runs frozen teacher layers on features of its own (ScaleKD's teacher
+            parameter perception) does not need it: it gets those layers from :meth:`attach_teacher`.
     """
 
     student_layers: tuple[str, ...] = (OUTPUT,)
@@ -81,6 +84,25 @@ class Distiller(nn.Module, abc.ABC):
             {'loss': tensor(0.)}
         """
         return {"loss": self.forward(student, teacher, batch)}
+
+    def attach_teacher(self, teacher: nn.Module) -> None:
+        """Give the distiller the frozen teacher; the default ignores it.
+
+        The one exception to "a distiller never runs a model": a method that runs some of the teacher's
+        own layers on features derived from the student (ScaleKD's teacher parameter perception) overrides
+        this to look those layers up. :class:`~lightningkd.modules.DistillationModule` calls it once, in its
+        ``__init__``, for every distiller when a teacher is given, after freezing the teacher
+        (``requires_grad_(False)``, eval mode). An override must keep the layers out of its parameters and
+        ``state_dict`` (hold them in a plain attribute, not as submodules), so the teacher is never trained,
+        optimised or checkpointed through the distiller.
+
+        Args:
+            teacher: the frozen teacher model.
+
+        Example:
+            >>> from lightningkd.distillers import KD
+            >>> KD().attach_teacher(nn.Linear(2, 2))  # most distillers keep nothing
+        """
 
     def read_pair(self, student: Features, teacher: Features) -> tuple[Tensor, Tensor]:
         """The student's and teacher's features of a one-layer distiller (its first named layers)."""

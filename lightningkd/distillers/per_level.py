@@ -149,6 +149,12 @@ class PerLevel(Distiller):
             raise KeyError(f"PerLevel: no level {level!r}; the levels are {list(self.levels)}.")
         return self.per_level[self._keys[level]]  # type: ignore[return-value]
 
+    def attach_teacher(self, teacher: nn.Module) -> None:
+        """Forward the frozen teacher to every level's copy (see
+        :meth:`~lightningkd.distillers.base.Distiller.attach_teacher`)."""
+        for distiller in self.per_level.values():
+            distiller.attach_teacher(teacher)
+
     def terms(
         self, student: Features, teacher: Features, batch: Mapping[str, Any] | None = None
     ) -> dict[str, Tensor]:

@@ -13,10 +13,28 @@ from lightningkd.functional.kd import kd_loss
 from lightningkd.functional.maskd import dice_diversity, maskd_loss, token_masks
 from lightningkd.functional.mgd import mgd_keep_mask, mgd_loss
 from lightningkd.functional.nd import nd_loss
+from lightningkd.functional.ofa import ofa_cross_entropy, ofa_loss, ofa_target_weights
 from lightningkd.functional.pixel_kd import pixel_kd_loss
 from lightningkd.functional.pkd import pkd_loss, pkd_standardize
 from lightningkd.functional.rkd import rkd_angle_loss, rkd_distance_loss, rkd_loss, rkd_terms
+from lightningkd.functional.scalekd import (
+    dct_2d,
+    dct_matrix,
+    dfm_dc_removed_loss,
+    dfm_loss,
+    idct_2d,
+    remove_dc,
+    scalekd_logit_loss,
+    scalekd_terms,
+)
 from lightningkd.functional.skd import skd_loss
+from lightningkd.functional.transkd import (
+    transkd_fuse,
+    transkd_hcl_levels,
+    transkd_hcl_loss,
+    transkd_pea_loss,
+    transkd_terms,
+)
 
 __all__ = [
     "acam_masks",
@@ -46,6 +64,9 @@ __all__ = [
     "mgd_keep_mask",
     "mgd_loss",
     "nd_loss",
+    "ofa_cross_entropy",
+    "ofa_loss",
+    "ofa_target_weights",
     "pixel_kd_loss",
     "pkd_loss",
     "pkd_standardize",
@@ -53,5 +74,18 @@ __all__ = [
     "rkd_distance_loss",
     "rkd_loss",
     "rkd_terms",
+    "dct_2d",
+    "dct_matrix",
+    "dfm_dc_removed_loss",
+    "dfm_loss",
+    "idct_2d",
+    "remove_dc",
+    "scalekd_logit_loss",
+    "scalekd_terms",
     "skd_loss",
+    "transkd_fuse",
+    "transkd_hcl_levels",
+    "transkd_hcl_loss",
+    "transkd_pea_loss",
+    "transkd_terms",
 ]

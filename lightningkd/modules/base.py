@@ -46,7 +46,10 @@ class DistillationModule(L.LightningModule, abc.ABC):
     The teacher is frozen (``requires_grad_(False)``), kept in eval mode by :meth:`train`, run under
     ``torch.no_grad()`` and never given to the optimizer. It is left out of checkpoints: on resume the
     teacher built from the recipe (with its own weights) is used. With no distillers the teacher may be
-    ``None``: that is how a teacher, or a student baseline, is trained.
+    ``None``: that is how a teacher, or a student baseline, is trained. Each distiller gets the frozen
+    teacher once through :meth:`~lightningkd.distillers.base.Distiller.attach_teacher` (ScaleKD runs the
+    teacher's later stages on student-derived features, with autograd on, so gradients pass through the
+    frozen stages to the student while no teacher parameter gets one).
 
     Faults stop the run where they appear, with the cause named: class labels outside ``0..num_classes-1``
     (:class:`LabelRangeError`); a NaN or infinite loss term (:class:`NonFiniteError` naming the term, the
@@ -131,6 +134,8 @@ class DistillationModule(L.LightningModule, abc.ABC):
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
+            for d in distillers:  # after freezing: e.g. ScaleKD looks up the teacher stages it runs
+                d.attach_teacher(teacher)
         if channels_last:
             self.to(memory_format=torch.channels_last)
 
