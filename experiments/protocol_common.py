@@ -36,10 +36,12 @@ def protocol_main(
     epochs: int,
     teacher_epochs: int,
     token_epochs: int = 10,
+    extra_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> None:
     """Parse ``teacher | tokens | student --arm A --seed S | list`` and call ``run(args, arm, seed, epochs)``.
 
     ``tokens`` learns MasKD's receptive tokens on the trained teacher (``run`` gets the arm ``"tokens"``).
+    ``extra_arguments`` adds a protocol's own options to the parser.
     """
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["teacher", "tokens", "student", "list"])
@@ -54,6 +56,8 @@ def protocol_main(
     parser.add_argument("--workers", type=int, default=1, help="data loader processes")
     parser.add_argument("--keep-checkpoints", action="store_true")
     parser.add_argument("--limit-batches", type=int, default=None, help="smoke test: batches per epoch")
+    if extra_arguments is not None:
+        extra_arguments(parser)
     args = parser.parse_args()
     if args.command == "list":
         print("\n".join(sorted(arms)))

@@ -5,6 +5,8 @@
 # one thread each (faster than one run on two threads on a 2-core machine).
 # Usage: bash experiments/run_camvid_protocol.sh [path/to/camvid]   (default ../shared/data/camvid)
 #        ARMS="student cwd" SEEDS="0 1" ABLATION="" bash experiments/run_camvid_protocol.sh   (a subset; empty: none)
+#        ARMS="segformer_b0 segformer_b0_transkd" ABLATION="" EPOCHS=3 bash experiments/run_camvid_protocol.sh
+#          (the SegFormer-B0 student alone and with TransKD, as in the README: 3 epochs)
 set -euo pipefail
 data=${1:-../shared/data/camvid}
 out=${OUT_DIR:-runs/camvid_protocol}
@@ -24,5 +26,5 @@ esac
   for seed in $seeds; do for arm in $arms; do echo "$arm $seed"; done; done
   for seed in $ablation_seeds; do for arm in $ablation; do echo "$arm $seed"; done; done
 } | xargs -P "$jobs" -L 1 sh -c \
-  "$py experiments/seg_protocol.py student --arm \$0 --seed \$1 --threads 1 --data-dir '$data' --out-dir '$out' > '$out'/\$0_seed\$1.log 2>&1"
+  "$py experiments/seg_protocol.py student --arm \$0 --seed \$1 ${EPOCHS:+--epochs $EPOCHS} --threads 1 --data-dir '$data' --out-dir '$out' > '$out'/\$0_seed\$1.log 2>&1"
 $py experiments/summarize_protocol.py "$out/results.jsonl"

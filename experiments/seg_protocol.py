@@ -27,6 +27,11 @@ Adam lr 0.01, cosine: the detection stage's optimiser; the official segmentation
 10k iterations), then the ``maskd`` arm reads them (eps 1e-5, weight 0.5). ``acam_kd`` puts one mask per
 class on the logits, alpha = lambda = 1.
 
+Cross-architecture arms: ``segformer_b0`` (an mmseg SegFormer-B0 student from scratch, trained alone: the
+reference of this pair) and ``segformer_b0_transkd`` (TransKD's CSF + HCL from the same LRASPP teacher on
+two stride-matched stage pairs; no PEA, the CNN teacher has no patch embeddings). The README's SegFormer
+rows were run with ``--epochs 3`` (138 steps), a budget choice for 2 CPU cores.
+
 Arms are named entries of ``ARMS`` (a function of the teacher's channel count returning the distillers);
 a later distiller adds its own entry and reuses everything else.
 
@@ -67,8 +72,9 @@ from lightningkd.distillers import (  # noqa: E402
     MasKD,
     PairwiseSimilarityKD,
     PixelKD,
+    TransKD,
 )
-from lightningkd.models import TorchvisionSegmenter  # noqa: E402
+from lightningkd.models import MMSegSegmenter, TorchvisionSegmenter  # noqa: E402
 from lightningkd.modules import SegmentationDistillationModule, SegmentationMaskTokens  # noqa: E402
 
 MODEL = "lraspp_mobilenet_v3_large"
@@ -153,6 +159,26 @@ ARMS: dict[str, Callable[[], list[Distiller]]] = {
     "acam_kd_elementwise": _acam(channel_mask="elementwise"),
     "acam_kd_uniform_masks": _acam_uniform,
 }
+# Cross-architecture arms: a SegFormer-B0 student (mmseg MiT-B0, from scratch) with the same LRASPP teacher;
+# "segformer_b0" is its student-alone reference for the paired differences.
+SEGFORMER_B0 = "segformer/segformer_mit-b0_8xb1-160k_cityscapes-1024x1024"
+SEGFORMER_ARMS: dict[str, Callable[[], list[Distiller]]] = {
+    "segformer_b0": lambda: [],
+    # TransKD's CSF + HCL on two stride-matched stage pairs (recipes/segmentation/transkd/
+    # segformer_b0_from_lraspp_mobilenet_v3_large_camvid.yaml); no PEA: the CNN teacher has no patch embeddings
+    "segformer_b0_transkd": lambda: [
+        TransKD(
+            student_stages=["backbone:1", "backbone:2"],
+            teacher_stages=["backbone:low", "backbone:high"],
+            student_channels=[64, 160],
+            teacher_channels=[40, 960],
+            student_embeddings=None,
+            teacher_embeddings=None,
+        )
+    ],
+    "segformer_b0_pixel_kd": lambda: [PixelKD(temperature=1.0, ignore_index=IGNORE)],
+}
+ARMS.update(SEGFORMER_ARMS)
 TOKENS_FILE = "maskd_tokens.pt"  # written by `seg_protocol.py tokens` next to the teacher
 
 
@@ -213,7 +239,10 @@ def build_tokens(teacher_ckpt: str, epochs: int) -> SegmentationMaskTokens:
 def build(arm: str, teacher_ckpt: str | None, epochs: int) -> SegmentationDistillationModule:
     if arm == "tokens":
         return build_tokens(teacher_ckpt, epochs)
-    student = TorchvisionSegmenter(MODEL, NUM_CLASSES)
+    if arm in SEGFORMER_ARMS:
+        student = MMSegSegmenter(SEGFORMER_B0, num_classes=NUM_CLASSES)
+    else:
+        student = TorchvisionSegmenter(MODEL, NUM_CLASSES)
     # Pairing: the teacher and the distillers are built on a forked random stream, so every arm of a seed
     # starts from the same student weights *and* draws the same crops in the same order as the student
     # alone (a distiller that draws random numbers while training, CIRKD's memory, still diverges).
