@@ -122,14 +122,20 @@ def test_notebook_runs(path: Path, tmp_path: Path) -> None:
         check_detection(text, _png_count(nb))
 
 
-def check_quickstart(text: str) -> None:
-    """The quickstart printed its comparison table and reloaded the exported student strictly."""
+def table_rows(text: str, names: tuple[str, ...], metric: str) -> dict[str, float]:
+    """The value of each named row of a printed ``name  value`` comparison table, each checked in [0, 1]."""
     rows = {}
-    for name in ("teacher", "student alone", "student distilled"):
-        match = re.search(rf"^{name}\s+([0-9.]+)\s*$", text, flags=re.MULTILINE)
+    for name in names:
+        match = re.search(rf"^{re.escape(name)}\s+([0-9.]+)\s*$", text, flags=re.MULTILINE)
         assert match, f"no '{name}' row in the comparison table; the notebook printed:\n{text[-3000:]}"
         rows[name] = float(match.group(1))
-        assert 0.0 <= rows[name] <= 1.0, f"{name}: val/acc1 {rows[name]} is not in [0, 1]"
+        assert 0.0 <= rows[name] <= 1.0, f"{name}: {metric} {rows[name]} is not in [0, 1]"
+    return rows
+
+
+def check_quickstart(text: str) -> None:
+    """The quickstart printed its comparison table and reloaded the exported student strictly."""
+    rows = table_rows(text, ("teacher", "student alone", "student distilled"), "val/acc1")
     # the synthetic set is learnable: a trained teacher is far above chance (0.1 for 10 classes)
     assert rows["teacher"] > 0.5, rows
     assert "strict reload: OK" in text
@@ -140,12 +146,9 @@ def check_cross_architecture(text: str, pngs: int) -> None:
     assert "TokensToMap(prefix_tokens=1, grid=(8, 8))" in text, text[:3000]  # the error names the adapter
     assert "tokens -> map: (2, 192, 8, 8)" in text and "stage4 resampled: (2, 192, 8, 8)" in text, text[:3000]
     assert "65 tokens minus prefix_tokens=2 leaves 63" in text, text[:3000]
-    rows = {}
-    for name in ("teacher", "student alone", "student + OFA", "student + FitNet (adapted)"):
-        match = re.search(rf"^{re.escape(name)}\s+([0-9.]+)\s*$", text, flags=re.MULTILINE)
-        assert match, f"no '{name}' row in the comparison table; the notebook printed:\n{text[-3000:]}"
-        rows[name] = float(match.group(1))
-        assert 0.0 <= rows[name] <= 1.0, f"{name}: val/acc1 {rows[name]} is not in [0, 1]"
+    rows = table_rows(
+        text, ("teacher", "student alone", "student + OFA", "student + FitNet (adapted)"), "val/acc1"
+    )
     # chance is 0.1; the 2-block ViT teacher reached 0.72 in 3 epochs when the notebook was written
     assert rows["teacher"] > 0.5, rows
     assert pngs >= 1, "the curves were not plotted"
@@ -153,12 +156,7 @@ def check_cross_architecture(text: str, pngs: int) -> None:
 
 def check_segmentation(text: str) -> None:
     """The segmentation notebook printed its mIoU table and the titled columns of its preview."""
-    rows = {}
-    for name in ("teacher", "student alone", "student + CWD", "student + BPKD"):
-        match = re.search(rf"^{re.escape(name)}\s+([0-9.]+)\s*$", text, flags=re.MULTILINE)
-        assert match, f"no '{name}' row in the comparison table; the notebook printed:\n{text[-3000:]}"
-        rows[name] = float(match.group(1))
-        assert 0.0 <= rows[name] <= 1.0, f"{name}: val/mIoU {rows[name]} is not in [0, 1]"
+    rows = table_rows(text, ("teacher", "student alone", "student + CWD", "student + BPKD"), "val/mIoU")
     # predicting background everywhere scores about 0.16 on this set; the trained teacher reached 0.73 in two runs
     assert rows["teacher"] > 0.5, rows
     columns = ["image", "ground truth", "teacher", "student", "bpkd edge", "bpkd body"]
