@@ -112,6 +112,9 @@ class FeatureTap:
                 f"{_abbreviate(list_layers(model))}. `lightningkd layers` prints them with their shapes."
             )
         self.features: dict[str, Any] = {}
+        # hooks store only inside run(): a model called directly (evaluation, or ScaleKD running teacher
+        # stages on student features) leaves nothing behind that would hold its tensors or graph
+        self._recording = False
         # partial of a method (not a closure) keeps the hooked model picklable and deep-copyable
         self._handles = [
             modules[module_name].register_forward_hook(partial(self._store, module_name, tuple(names)))
@@ -126,6 +129,8 @@ class FeatureTap:
         inputs: Any,
         output: Any,
     ) -> None:
+        if not self._recording:
+            return
         for name, key in names:
             if key is None:
                 self.features[name] = output
@@ -155,10 +160,12 @@ class FeatureTap:
         ``"output"`` is what ``fn`` returns. Layers that ``fn`` does not run are absent from the result.
         """
         self.features = {}
+        self._recording = True
         try:
             output = fn(*args, **kwargs)
             features = dict(self.features)
         finally:
+            self._recording = False
             self.features = {}
         features[OUTPUT] = output
         return features

@@ -189,3 +189,12 @@ def test_colon_name_of_a_tensor_output_says_to_tap_the_whole_layer() -> None:
         KeyError, match=r"returns a Tensor, not a dict, list or tuple; tap it as 'backbone.body'"
     ):
         tap(torch.zeros(1, 3, 4, 4))
+
+
+def test_a_direct_call_of_the_model_stores_nothing() -> None:
+    """Evaluation (or ScaleKD running teacher stages) calls the model outside the tap: nothing is kept."""
+    model = SometimesSide()
+    tap = FeatureTap(model, ["main", "side"])
+    model(torch.ones(1, 2, requires_grad=True))
+    assert tap.features == {}
+    assert set(tap(torch.ones(1, 2))) == {"main", "side", "output"}
