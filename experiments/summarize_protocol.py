@@ -1,6 +1,7 @@
 """Raw means and paired differences (arm minus student alone, same seed) from a protocol results.jsonl.
 
 Usage: python experiments/summarize_protocol.py runs/camvid_protocol/results.jsonl [--metric val_mIoU]
+       [--baseline segformer_b0 --arms segformer_b0 segformer_b0_transkd]   (another student's pairs)
 
 A paired difference is computed only for the seeds both the arm and the student alone have. The last
 result of an (arm, seed) pair wins, so a rerun replaces an earlier one.
@@ -45,10 +46,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results")
     parser.add_argument("--metric", default="val_mIoU")
+    parser.add_argument(
+        "--baseline", default="student", help="the arm the paired differences are taken against"
+    )
+    parser.add_argument("--arms", nargs="*", help="only these arms (default: all)")
     args = parser.parse_args()
     with open(args.results) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    print(table(rows, args.metric))
+    if args.arms:
+        rows = [r for r in rows if r["arm"] in args.arms]
+    print(table(rows, args.metric, args.baseline))
 
 
 if __name__ == "__main__":
