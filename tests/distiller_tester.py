@@ -48,6 +48,23 @@ def kl_by_hand(log_p: list[float], log_q: list[float]) -> float:
     return sum(math.exp(a) * (a - b) for a, b in zip(log_p, log_q))
 
 
+# ---- precision policy: under bf16/fp16 autocast every distiller computes its softmax, KL, normalisation,
+# norms, variances and Gram matrices in float32. The tests compare the loss under autocast with the float32
+# loss on the same inputs rounded to the half dtype, so these tolerances bound the computation only.
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+LOSS_RTOL = 1e-5
+"""A distiller without learnable parameters does all its maths in float32 on exactly the float32 reference's
+inputs: only the summation order may differ (float32 rounding, ~1e-7 per operation). Computing a softmax in
+bf16 instead moves KD's loss by ~7e-2 and in fp16 by ~4e-3, so this catches any half-precision step."""
+ADAPTER_RTOL = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+"""A distiller with learnable adapters runs their convolutions and linear layers in the half dtype under
+autocast (as intended: they are part of the model's compute), so their outputs are rounded once, a relative
+error of up to the unit roundoff u of the dtype (bf16: 8 significant bits, u = 2^-8 = 3.9e-3; fp16: 11 bits,
+u = 2^-11 = 4.9e-4). A loss that averages many such elements stays within u of the float32 value; the
+float32 output check (``loss.dtype``) catches loss maths left in half precision behind an adapter."""
+HALF_ATOL = 1e-6
+"""For losses that are (near) zero, where a relative tolerance means nothing."""
+
 Inputs = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any] | None]
 
 
@@ -63,6 +80,9 @@ class DistillerTester:
     yaml_config: str = ""
     term_names: tuple[str, ...] = ("loss",)
     """The keys :meth:`Distiller.terms` must return, in order."""
+    half_rtol: dict[torch.dtype, float] | None = None
+    """Per-class override of the bf16/fp16 tolerance (default: :data:`LOSS_RTOL` or :data:`ADAPTER_RTOL`);
+    an override must say why in a comment."""
 
     def make(self) -> Distiller:
         raise AssertionError("DistillerTester subclasses must define make()")
@@ -87,15 +107,50 @@ class DistillerTester:
         assert torch.isfinite(loss)
         assert loss.item() >= 0
 
-    def test_finite_under_bf16_autocast(self) -> None:
+    @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+    def test_half_autocast_matches_float32(self, dtype: torch.dtype) -> None:
+        # The precision policy: under bf16/fp16 autocast the loss maths runs in float32. The float32
+        # reference gets the SAME inputs rounded to ``dtype``, so only the precision of the computation
+        # differs between the two calls, never the inputs.
+        distiller, loss, (student, teacher, batch) = self._loss_under_autocast(dtype)
+        rounded_student = {k: v.detach().to(dtype).float() for k, v in student.items()}
+        rounded_teacher = {k: v.detach().to(dtype).float() for k, v in teacher.items()}
+        torch.manual_seed(1)
+        expected = distiller(rounded_student, rounded_teacher, batch).item()
+        assert loss.ndim == 0 and torch.isfinite(loss)
+        assert loss.dtype == torch.float32, (
+            f"the loss is {loss.dtype} under {dtype} autocast: compute in float32"
+        )
+        assert loss.item() == pytest.approx(expected, rel=self._half_rtol(distiller, dtype), abs=HALF_ATOL)
+
+    def test_student_gradient_finite_under_fp16_autocast(self) -> None:
+        # fp16 overflows above 65504: sums of squares, exponentials and Gram matrices kept in fp16 give an
+        # inf/nan gradient even where the loss itself comes back finite
+        _, loss, (student, _, _) = self._loss_under_autocast(torch.float16)
+        loss.backward()
+        grads = [v.grad for v in student.values() if v.grad is not None]
+        assert grads, "no gradient reached the student under fp16 autocast"
+        assert all(g.dtype == torch.float16 and torch.isfinite(g).all() for g in grads)
+        assert any(g.abs().sum() > 0 for g in grads)
+
+    def _loss_under_autocast(self, dtype: torch.dtype) -> tuple[Distiller, torch.Tensor, Inputs]:
+        """The distiller (eval: no memory update, deterministic adapters), its loss on the inputs cast to
+        ``dtype`` under CPU autocast, and those inputs (the student's as half-precision leaves)."""
         torch.manual_seed(0)
-        distiller = self.make()
+        distiller = self.make().eval()
         student, teacher, batch = self.inputs()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            student = {k: v.to(torch.bfloat16) for k, v in student.items()}
-            teacher = {k: v.to(torch.bfloat16) for k, v in teacher.items()}
+        student = {k: v.detach().to(dtype).requires_grad_(True) for k, v in student.items()}
+        teacher = {k: v.detach().to(dtype) for k, v in teacher.items()}
+        torch.manual_seed(1)  # the same random draws (e.g. memory slots) as the float32 reference
+        with torch.autocast("cpu", dtype=dtype):
             loss = distiller(student, teacher, batch)
-        assert loss.ndim == 0 and torch.isfinite(loss.float())
+        return distiller, loss, (student, teacher, batch)
+
+    def _half_rtol(self, distiller: Distiller, dtype: torch.dtype) -> float:
+        if self.half_rtol is not None:
+            return self.half_rtol[dtype]
+        has_adapters = any(True for _ in distiller.parameters())
+        return ADAPTER_RTOL[dtype] if has_adapters else LOSS_RTOL
 
     def test_gradients_reach_student_and_adapters(self) -> None:
         torch.manual_seed(0)

@@ -35,6 +35,11 @@ class Distiller(nn.Module, abc.ABC):
     :meth:`terms`, and its :meth:`forward` returns ``sum_terms(self.terms(...))``: one code path, so the
     logged parts always add up to the loss.
 
+    Precision: under bf16/fp16 autocast a distiller computes its softmaxes, KL divergences, normalisations,
+    norms, variances, Gram matrices and large sums in float32 (``at_least_float32`` on the inputs, and
+    ``autocast_off`` around products, which autocast would otherwise run in the half dtype) and returns a
+    float32 loss; its learnable adapters run under autocast. The shared tests hold every distiller to this.
+
     Args:
         weight: factor applied by the LightningModule to this loss in the total.
         name: key under which the loss is logged (``train/kd/<name>``); defaults to the lower-cased class

@@ -11,6 +11,8 @@ from torch import Tensor, nn
 
 from lightningkd.distillers.base import Distiller, Features, read_aligned_pair, sum_terms
 from lightningkd.functional._helpers import (
+    at_least_float32,
+    autocast_off,
     check_choice,
     check_non_negative,
     check_positive,
@@ -76,8 +78,11 @@ class GcBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         n, c, h, w = x.shape
-        weights = F.softmax(self.conv_mask(x).reshape(n, 1, h * w), dim=2)  # (N, 1, HW)
-        context = torch.matmul(x.reshape(n, c, h * w), weights.transpose(1, 2))  # (N, C, 1)
+        # the attention pooling (a softmax over all H*W positions and a weighted sum) in float32; the
+        # convolutions stay under autocast
+        weights = F.softmax(at_least_float32(self.conv_mask(x)).reshape(n, 1, h * w), dim=2)  # (N, 1, HW)
+        with autocast_off(weights):
+            context = torch.matmul(at_least_float32(x).reshape(n, c, h * w), weights.transpose(1, 2))
         return x + self.channel_add(context.reshape(n, c, 1, 1))
 
 

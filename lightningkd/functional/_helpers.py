@@ -131,6 +131,20 @@ def at_least_float32(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def autocast_off(x: Tensor) -> torch.autocast:
+    """A context that switches autocast off on ``x``'s device, for Gram matrices and other products of
+    float32 tensors: autocast would run ``@``, ``bmm``, ``einsum`` and convolutions in the half dtype even
+    on float32 inputs (use with :func:`at_least_float32` on the inputs).
+
+    Example:
+        >>> x = torch.ones(2, 3)
+        >>> with torch.autocast("cpu", dtype=torch.bfloat16), autocast_off(x):
+        ...     (x @ x.T).dtype
+        torch.float32
+    """
+    return torch.autocast(x.device.type, enabled=False)
+
+
 def common_float_dtype(*tensors: Tensor) -> torch.dtype:
     """The common floating dtype of ``tensors``, at least float32.
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightningkd.functional._helpers import at_least_float32, check_choice, shape_of
+from lightningkd.functional._helpers import at_least_float32, autocast_off, check_choice, shape_of
 from lightningkd.functional.maskd import dice_diversity
 
 Diversity = Literal["spatial", "both", "none"]
@@ -109,7 +109,8 @@ def acam_mask_logits(fused: Tensor, channel_tokens: Tensor, spatial_tokens: Tens
     fused = at_least_float32(fused)
     pooled = fused.mean((2, 3))  # (N, C)
     channel = channel_tokens.to(fused.dtype)[None] * pooled[:, None, :]
-    spatial = torch.einsum("mc,nchw->nmhw", spatial_tokens.to(fused.dtype), fused)
+    with autocast_off(fused):  # float32 logits (autocast would run einsum in half precision)
+        spatial = torch.einsum("mc,nchw->nmhw", spatial_tokens.to(fused.dtype), fused)
     return channel, spatial
 
 
@@ -230,12 +231,13 @@ def _masked_mean(masks: Tensor, logits: Tensor | None, error: Tensor, power: int
     ``w = exp(log m - L)`` and ``L`` the largest ``log m`` of the mask: the same value, and finite even when
     every ``m`` underflows to 0 (then the plain ratio is 0 / 0, and its gradient NaN).
     """
-    if not normalize:
-        return torch.einsum("njk,nk->nj", masks.pow(power), error) / error.shape[-1]
-    if logits is None:
-        return torch.einsum("njk,nk->nj", masks.pow(power), error) / masks.sum(-1)
-    log_masks = F.logsigmoid(logits)
-    top = log_masks.amax(-1, keepdim=True)
-    weights = (log_masks - top).exp()
-    ratio = torch.einsum("njk,nk->nj", weights.pow(power), error) / weights.sum(-1)
-    return ratio * ((power - 1) * top.squeeze(-1)).exp()
+    with autocast_off(error):  # the weighted sums in float32 (autocast would run einsum in half)
+        if not normalize:
+            return torch.einsum("njk,nk->nj", masks.pow(power), error) / error.shape[-1]
+        if logits is None:
+            return torch.einsum("njk,nk->nj", masks.pow(power), error) / masks.sum(-1)
+        log_masks = F.logsigmoid(logits)
+        top = log_masks.amax(-1, keepdim=True)
+        weights = (log_masks - top).exp()
+        ratio = torch.einsum("njk,nk->nj", weights.pow(power), error) / weights.sum(-1)
+        return ratio * ((power - 1) * top.squeeze(-1)).exp()

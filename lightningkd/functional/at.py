@@ -107,6 +107,8 @@ def at_loss(
         )
     check_positive("at_loss", "p", p)
     check_choice("at_loss", "resize", resize, AT_RESIZE_MODES)
+    # float32 before the resize too: pooling or interpolating in half precision rounds the maps
+    student_feat, teacher_feat = at_least_float32(student_feat), at_least_float32(teacher_feat)
     s_size, t_size = tuple(student_feat.shape[-2:]), tuple(teacher_feat.shape[-2:])
     if s_size != t_size:
         if resize == "pool_larger":

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightningkd.functional._helpers import (
+    at_least_float32,
     check_choice,
     check_label_map,
     check_non_negative,
@@ -219,6 +220,8 @@ def bpkd_terms(
     check_non_negative(who, "alpha_edge", alpha_edge)
     check_choice(who, "count_mode", count_mode, BPKD_COUNT_MODES)
 
+    # float32 before the resize, the softmaxes and the KL sums
+    student_logits, teacher_logits = at_least_float32(student_logits), at_least_float32(teacher_logits)
     teacher_logits = match_spatial(teacher_logits, (h, w), mode="bilinear")
     edge, body = boundary_masks(target, c, (h, w), edge_width, ignore_index, ignore_mode)
     edge = edge.to(student_logits.dtype)

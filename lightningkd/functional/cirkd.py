@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightningkd.functional._helpers import (
+    at_least_float32,
+    autocast_off,
     check_feature_pair,
     check_int_at_most,
     check_label_map,
@@ -76,6 +78,7 @@ def cirkd_minibatch_loss(
     who = "cirkd_minibatch_loss"
     check_feature_pair(who, student_feat, teacher_feat)
     check_positive(who, "temperature", temperature)
+    student_feat, teacher_feat = at_least_float32(student_feat), at_least_float32(teacher_feat)
     if pooling:
         student_feat = F.avg_pool2d(student_feat, kernel_size=2, stride=2, ceil_mode=True)
         teacher_feat = F.avg_pool2d(teacher_feat, kernel_size=2, stride=2, ceil_mode=True)
@@ -86,8 +89,9 @@ def cirkd_minibatch_loss(
     total: Tensor | None = None
     for i in range(b):
         # S_ij for all j at once: (B, HW_i, HW_j)
-        log_ps = F.log_softmax(torch.einsum("cp,bcq->bpq", fs[i], fs) / temperature, dim=2)
-        log_pt = F.log_softmax(torch.einsum("cp,bcq->bpq", ft[i], ft) / temperature, dim=2)
+        with autocast_off(fs):  # the similarities in float32 (autocast would run einsum in half)
+            log_ps = F.log_softmax(torch.einsum("cp,bcq->bpq", fs[i], fs) / temperature, dim=2)
+            log_pt = F.log_softmax(torch.einsum("cp,bcq->bpq", ft[i], ft) / temperature, dim=2)
         term = (log_pt.exp() * (log_pt - log_ps)).sum()
         total = term if total is None else total + term
     assert total is not None
@@ -179,8 +183,8 @@ def cirkd_memory_terms(
 
     labels = resize_labels(labels, tuple(student_embed.shape[-2:])).reshape(-1)
     valid = labels != ignore_index
-    s = F.normalize(student_embed, p=2, dim=1).permute(0, 2, 3, 1).reshape(-1, d)
-    t = F.normalize(teacher_embed.detach(), p=2, dim=1).permute(0, 2, 3, 1).reshape(-1, d)
+    s = F.normalize(at_least_float32(student_embed), p=2, dim=1).permute(0, 2, 3, 1).reshape(-1, d)
+    t = F.normalize(at_least_float32(teacher_embed.detach()), p=2, dim=1).permute(0, 2, 3, 1).reshape(-1, d)
     if not bool(valid.any()):
         zero = student_embed.sum() * 0.0
         return zero, zero.clone()
@@ -189,8 +193,9 @@ def cirkd_memory_terms(
     terms = []
     for queue, index in ((pixel_queue, pixel_index), (region_queue, region_index)):
         keys = queue.detach()[:, index.to(queue.device)].reshape(-1, d)  # class-major, as the authors
-        t_logits = t @ keys.to(t.dtype).T / contrast_temperature
-        s_logits = s @ keys.to(s.dtype).T / contrast_temperature
+        with autocast_off(s):  # the similarities in float32 (autocast would run ``@`` in half)
+            t_logits = t @ keys.to(t.dtype).T / contrast_temperature
+            s_logits = s @ keys.to(s.dtype).T / contrast_temperature
         log_pt = F.log_softmax(t_logits / kd_temperature, dim=1)
         log_ps = F.log_softmax(s_logits / kd_temperature, dim=1)
         kl = (log_pt.exp() * (log_pt - log_ps)).sum() / s.shape[0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightningkd.functional._helpers import check_positive
+from lightningkd.functional._helpers import at_least_float32, check_positive
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
@@ -35,7 +35,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
             f"{tuple(teacher_logits.shape)} must have the same shape."
         )
     temperature = check_positive("kd_loss", "temperature", temperature)
-    log_p_s = F.log_softmax(student_logits / temperature, dim=1)
-    log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
+    log_p_s = F.log_softmax(at_least_float32(student_logits) / temperature, dim=1)
+    log_p_t = F.log_softmax(at_least_float32(teacher_logits) / temperature, dim=1)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1).mean()
     return kl * temperature**2

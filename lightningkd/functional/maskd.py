@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightningkd.functional._helpers import at_least_float32, check_non_negative, shape_of
+from lightningkd.functional._helpers import at_least_float32, autocast_off, check_non_negative, shape_of
 
 DICE_EPS = 1e-12
 """Added to each mask's squared norm in :func:`dice_diversity` (the official ``dice_coeff``)."""
@@ -39,8 +39,10 @@ def token_masks(feat: Tensor, tokens: Tensor) -> Tensor:
             f"token_masks: the tokens {tuple(tokens.shape)} have {tokens.shape[1]} channels but the map "
             f"{tuple(feat.shape)} has {feat.shape[1]}; learn the tokens on this layer (or set channels)."
         )
-    logits = torch.einsum("tc,nchw->nthw", tokens.to(feat.dtype), feat)
-    return at_least_float32(logits).sigmoid()
+    feat = at_least_float32(feat)
+    with autocast_off(feat):  # float32 logits (autocast would run einsum in half precision)
+        logits = torch.einsum("tc,nchw->nthw", tokens.to(feat.dtype), feat)
+    return logits.sigmoid()
 
 
 def dice_diversity(masks: Tensor, eps: float = DICE_EPS) -> Tensor:
@@ -69,7 +71,8 @@ def dice_diversity(masks: Tensor, eps: float = DICE_EPS) -> Tensor:
             f"dice_diversity expects (N, T, ...) masks with at least 2 masks per image, got {shape_of(masks)}."
         )
     flat = at_least_float32(masks).flatten(2)
-    inner = flat @ flat.transpose(1, 2)  # (N, T, T)
+    with autocast_off(flat):  # the Gram matrix in float32 (autocast would run it in half precision)
+        inner = flat @ flat.transpose(1, 2)  # (N, T, T)
     norms = inner.diagonal(dim1=1, dim2=2) + eps
     dice = 2 * inner / (norms[:, :, None] + norms[:, None, :])
     t = flat.shape[1]
@@ -132,7 +135,8 @@ def maskd_loss(
         )
     masks = at_least_float32(masks)
     diff = (at_least_float32(student) - at_least_float32(teacher)).pow(2)
-    per_channel = torch.einsum("nthw,nchw->ntc", masks.pow(2), diff)
+    with autocast_off(diff):  # the masked sums in float32 (autocast would run einsum in half precision)
+        per_channel = torch.einsum("nthw,nchw->ntc", masks.pow(2), diff)
     # a mask that is 0 everywhere (sigmoid underflow on extreme maps) contributes 0, not 0 / 0
     mass = (masks.sum((2, 3)) + eps).clamp_min(torch.finfo(masks.dtype).tiny)
     per_channel = per_channel / mass[:, :, None]

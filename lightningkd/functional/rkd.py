@@ -6,7 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightningkd.functional._helpers import check_non_negative, flatten_embedding
+from lightningkd.functional._helpers import (
+    at_least_float32,
+    autocast_off,
+    check_non_negative,
+    flatten_embedding,
+)
 
 # Floor of the squared pairwise distance before the square root, as in the authors' ``pdist``
 # (lenscloth/RKD metric/utils.py): keeps sqrt differentiable for coincident embeddings.
@@ -151,8 +156,9 @@ def rkd_terms(student_emb: Tensor, teacher_emb: Tensor) -> tuple[Tensor, Tensor]
 
 def _pdist(x: Tensor) -> Tensor:
     """Euclidean distance matrix from the Gram matrix, floored at sqrt(1e-12), with an exact 0 diagonal."""
-    sq = x.pow(2).sum(dim=1)
-    d2 = (sq.unsqueeze(1) + sq.unsqueeze(0) - 2 * x @ x.t()).clamp(min=_PDIST_EPS)
+    with autocast_off(x):  # the Gram matrix in float32: in fp16 squared norms overflow, in bf16 cancel
+        sq = x.pow(2).sum(dim=1)
+        d2 = (sq.unsqueeze(1) + sq.unsqueeze(0) - 2 * x @ x.t()).clamp(min=_PDIST_EPS)
     eye = torch.eye(x.shape[0], dtype=torch.bool, device=x.device)
     return d2.sqrt().masked_fill(eye, 0.0)
 
@@ -168,7 +174,8 @@ def _triplet_cosines(x: Tensor) -> Tensor:
     """Flat ``(N^3,)`` cosines ``<normalize(x_j - x_i), normalize(x_k - x_i)>`` in (i, j, k) order."""
     diff = x.unsqueeze(0) - x.unsqueeze(1)  # diff[i, j] = x_j - x_i: anchor i first
     unit = F.normalize(diff, p=2, dim=2)
-    return torch.bmm(unit, unit.transpose(1, 2)).flatten()
+    with autocast_off(unit):
+        return torch.bmm(unit, unit.transpose(1, 2)).flatten()
 
 
 def _embeddings(who: str, student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
@@ -188,4 +195,4 @@ def _embeddings(who: str, student: Tensor, teacher: Tensor) -> tuple[Tensor, Ten
             f"{who}: relations need at least 2 samples, got student {tuple(student.shape)} and teacher "
             f"{tuple(teacher.shape)}."
         )
-    return flatten_embedding(student), flatten_embedding(teacher)
+    return flatten_embedding(at_least_float32(student)), flatten_embedding(at_least_float32(teacher))

@@ -9,7 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightningkd.functional._helpers import at_least_float32, check_non_negative, check_positive, shape_of
+from lightningkd.functional._helpers import (
+    at_least_float32,
+    autocast_off,
+    check_non_negative,
+    check_positive,
+    shape_of,
+)
 
 ScaleKDAlpha = tuple[float, float]
 """``(direct view, DC-removed view)`` coefficients of one stage's two DFM terms."""
@@ -108,7 +114,8 @@ def dct_2d(x: Tensor, dct_h: Tensor | None = None, dct_w: Tensor | None = None) 
     if not torch.is_tensor(x) or x.ndim < 2:
         raise ValueError(f"dct_2d expects a tensor (..., H, W), got {shape_of(x)}.")
     dh, dw = _axis_matrices(x, dct_h, dct_w, False, "dct_2d")
-    return dh @ at_least_float32(x) @ dw.T
+    with autocast_off(x):  # the transform in float32 (autocast would run ``@`` in half precision)
+        return dh @ at_least_float32(x) @ dw.T
 
 
 def idct_2d(coefficients: Tensor, idct_h: Tensor | None = None, idct_w: Tensor | None = None) -> Tensor:
@@ -133,7 +140,8 @@ def idct_2d(coefficients: Tensor, idct_h: Tensor | None = None, idct_w: Tensor |
     if not torch.is_tensor(coefficients) or coefficients.ndim < 2:
         raise ValueError(f"idct_2d expects a tensor (..., H, W), got {shape_of(coefficients)}.")
     ih, iw = _axis_matrices(coefficients, idct_h, idct_w, True, "idct_2d")
-    return ih @ at_least_float32(coefficients) @ iw.T
+    with autocast_off(coefficients):  # in float32, as dct_2d
+        return ih @ at_least_float32(coefficients) @ iw.T
 
 
 def remove_dc(

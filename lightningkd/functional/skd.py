@@ -10,6 +10,7 @@ from torch import Tensor
 
 from lightningkd.functional._helpers import (
     at_least_float32,
+    autocast_off,
     check_choice,
     check_fraction,
     match_spatial,
@@ -114,4 +115,5 @@ def _node_similarity(feat: Tensor, pooling: SKDPooling) -> Tensor:
         nodes = nodes / (nodes.pow(2).sum(dim=1, keepdim=True).sqrt() + _ORIGINAL_NORM_EPS).detach()
     else:
         nodes = F.normalize(nodes, p=2.0, dim=1, eps=1e-12)
-    return nodes.transpose(1, 2) @ nodes
+    with autocast_off(nodes):  # the Gram matrix in float32 (autocast would run it in half precision)
+        return nodes.transpose(1, 2) @ nodes

@@ -205,6 +205,12 @@ class TestScaleKD(DistillerTester):
     """CNN maps on both sides; the teacher's later stage is a conv + BN + GELU (nchw)."""
 
     term_names = TERMS
+    # Wider bf16/fp16 tolerance (measured: bf16 2.1e-2, fp16 1.7e-3 of the loss): the DC-removed terms
+    # subtract each channel's spatial mean from the CAP outputs, and on these tiny random 2x2 maps the mean
+    # is ~10^3 times the residual, so the half-precision rounding of the CAPs' and teacher stages' outputs
+    # (adapters under autocast) is amplified by that ratio. The loss maths is float32: with the CAPs and
+    # the teacher stages run in float32, the bf16 and fp16 losses equal the float32 loss exactly.
+    half_rtol = {torch.bfloat16: 5e-2, torch.float16: 5e-3}
     yaml_config = (
         "class_path: lightningkd.distillers.ScaleKD\n"
         "init_args: {student_s3_layer: blocks.8, student_s4_layer: norm, teacher_layer: norm,"
@@ -253,6 +259,9 @@ class TestScaleKDTokens(DistillerTester):
 
     term_names = TERMS[:4]
     yaml_config = TestScaleKD.yaml_config
+    # As TestScaleKD (the DC-removed views amplify the adapters' half-precision rounding by the ratio of
+    # the spatial mean to the residual, ~5e3 here); measured: bf16 8.7e-2, fp16 7.0e-2 of the loss.
+    half_rtol = {torch.bfloat16: 0.2, torch.float16: 0.2}
 
     def make(self) -> ScaleKD:
         distiller = small_scalekd(
