@@ -2,6 +2,9 @@
 
 Batches are ``(images, labels)``: ``float32`` ``(N, 3, H, W)`` normalised with the module's
 ``mean`` / ``std`` and ``int64`` ``(N,)``.
+
+:mod:`datamodules.classification.streaming` (optional dependency LitData, not imported here) converts an
+ImageFolder tree into LitData streams that ``ImageNetDataModule(stream_dir=...)`` reads.
 """
 
 from datamodules.classification.cifar import CIFAR10DataModule, CIFAR100DataModule
