@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.corrupt import CorruptFileLog, SkippingDataLoader
 from datamodules.datasets import collate_classification, seed_worker
+from datamodules.replay import ReplayedAugmentation, collate_keyed
 
 __all__ = ["BaseClassificationDataModule", "BaseDataModule", "Split"]
 
@@ -109,7 +110,7 @@ class BaseDataModule(L.LightningDataModule, abc.ABC):
             shuffle=train,
             drop_last=train,
             num_workers=self.num_workers,
-            collate_fn=self.collate_fn,
+            collate_fn=collate_keyed if isinstance(dataset, ReplayedAugmentation) else self.collate_fn,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
             worker_init_fn=seed_worker,
@@ -159,6 +160,52 @@ class BaseClassificationDataModule(BaseDataModule):
 
     Images are ``float32`` ``(N, 3, H, W)`` normalised with ``mean``/``std``, labels ``int64`` ``(N,)``.
     Subclasses also set ``num_classes``.
+
+    With ``replays`` the training split becomes a :class:`~datamodules.replay.ReplayedAugmentation`:
+    every image has ``replays`` fixed augmentations (one drawn at random at each access) and training
+    batches are dicts ``{"image", "target", "key"}``, the key naming the exact augmented input. That is
+    what a teacher-output cache needs (``lightningkd cache``, ``teacher_cache:`` of the modules).
+
+    Args:
+        batch_size, num_workers, skip_corrupt: see :class:`BaseDataModule`.
+        replays: fixed augmentations per training image (``None``: a fresh augmentation every time).
+        replay_seed: the seed the fixed augmentations derive from.
     """
 
     num_classes: int
+
+    def __init__(
+        self,
+        batch_size: int,
+        num_workers: int,
+        skip_corrupt: bool = False,
+        replays: int | None = None,
+        replay_seed: int = 0,
+    ) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, skip_corrupt=skip_corrupt)
+        if replays is not None and replays < 1:
+            raise ValueError(f"replays must be >= 1 (or None for fresh augmentations), got {replays}.")
+        self.replays = replays
+        self.replay_seed = int(replay_seed)
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if (
+            self.replays
+            and self.train_set is not None
+            and not isinstance(self.train_set, ReplayedAugmentation)
+        ):
+            self.train_set = ReplayedAugmentation(self.train_set, self.replays, self.replay_seed)
+
+    def cache_fingerprint(self) -> dict:
+        """What a teacher-output cache of this training split is tied to (data, augmentation, seed)."""
+        if not self.replays:
+            raise ValueError(
+                f"{type(self).__name__} draws a fresh augmentation at every step (replays is None), so no "
+                "teacher output can be stored for it: set data.init_args.replays (e.g. 8) both when writing "
+                "the cache (lightningkd cache) and when training with it."
+            )
+        if self.train_set is None:
+            self.setup("fit")
+        assert isinstance(self.train_set, ReplayedAugmentation)
+        return self.train_set.fingerprint()

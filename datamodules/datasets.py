@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, get_worker_info
 
 from datamodules.corrupt import CorruptFileError, CorruptFileLog, drop_skipped, skip_or_raise
+from datamodules.replay import array_fingerprint, file_fingerprint
 
 __all__ = [
     "IMG_EXTENSIONS",
@@ -138,6 +139,14 @@ class TensorPairDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         return self.images[index], int(self.labels[index])
 
+    def raw(self, index: int) -> tuple[Tensor, int]:
+        """Sample ``index`` as stored (these samples have no transform)."""
+        return self[index]
+
+    def fingerprint(self) -> str:
+        """Digest of the images and labels (what a teacher cache is tied to)."""
+        return array_fingerprint(self.images.detach().cpu().numpy(), self.labels.cpu().numpy())
+
 
 class ArrayDataset(Dataset):
     """In-memory ``uint8`` images ``(N, H, W, 3)`` with integer labels, passed through a transform.
@@ -176,10 +185,18 @@ class ArrayDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        image = self.images[index]
+        image, label = self.raw(index)
         if self.transform is not None:
             image = self.transform(image=image)["image"]
-        return image, int(self.labels[index])
+        return image, label
+
+    def raw(self, index: int) -> tuple[np.ndarray, int]:
+        """Sample ``index`` before the transform: the ``uint8`` image and its label."""
+        return self.images[index], int(self.labels[index])
+
+    def fingerprint(self) -> str:
+        """Digest of the images and labels (what a teacher cache is tied to)."""
+        return array_fingerprint(self.images, self.labels)
 
 
 class ImageFileDataset(Dataset):
@@ -234,12 +251,20 @@ class ImageFileDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, int] | None:
         try:
-            image = read_image(self.path(index))
+            image, label = self.raw(index)
         except CorruptFileError as err:
             return skip_or_raise(err, self.skip_log)
         if self.transform is not None:
             image = self.transform(image=image)["image"]
-        return image, int(self.labels[index])
+        return image, label
+
+    def raw(self, index: int) -> tuple[np.ndarray, int]:
+        """Sample ``index`` before the transform: the RGB image read from its file, and its label."""
+        return read_image(self.path(index)), int(self.labels[index])
+
+    def fingerprint(self) -> str:
+        """Digest of the file names, file sizes and labels (what a teacher cache is tied to)."""
+        return file_fingerprint(self.root, self.files, self.labels)
 
 
 def find_classes(split_dir: str | os.PathLike) -> list[str]:

@@ -244,8 +244,15 @@ class _CIFARDataModule(BaseClassificationDataModule):
         mean: tuple[float, float, float],
         std: tuple[float, float, float],
         skip_corrupt: bool,
+        replays: int | None,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, skip_corrupt=skip_corrupt)
+        super().__init__(
+            batch_size=batch_size,
+            num_workers=num_workers,
+            skip_corrupt=skip_corrupt,
+            replays=replays,
+            replay_seed=seed,
+        )
         if not 0.0 <= val_split < 1.0:
             raise ValueError(f"val_split must be in [0, 1), got {val_split}.")
         if pad_mode not in ("constant", "reflect"):
@@ -351,11 +358,13 @@ class CIFAR10DataModule(_CIFARDataModule):
         num_workers: DataLoader worker processes.
         augment: pad-and-crop + horizontal flip on the training split (else eval transform only).
         val_split: fraction of the train set held out for validation, in [0, 1).
-        seed: seed of the hold-out split.
+        seed: seed of the hold-out split (and of the fixed augmentations with ``replays``).
         pad_mode: padding before the random crop, ``"constant"`` (zeros) or ``"reflect"``.
         mean: normalisation mean (pixels scaled to [0, 1]).
         std: normalisation standard deviation.
         skip_corrupt: ImageFolder layout: skip unreadable image files instead of stopping.
+        replays: fixed augmentations per training image, for a teacher-output cache (see
+            :class:`~datamodules.base.BaseClassificationDataModule`); ``None``: fresh augmentations.
 
     Raises:
         FileNotFoundError: no known layout under ``data_dir``; the message shows both layouts.
@@ -384,9 +393,20 @@ class CIFAR10DataModule(_CIFARDataModule):
         mean: tuple[float, float, float] = CIFAR10_MEAN,
         std: tuple[float, float, float] = CIFAR10_STD,
         skip_corrupt: bool = False,
+        replays: int | None = None,
     ) -> None:
         super().__init__(
-            data_dir, batch_size, num_workers, augment, val_split, seed, pad_mode, mean, std, skip_corrupt
+            data_dir,
+            batch_size,
+            num_workers,
+            augment,
+            val_split,
+            seed,
+            pad_mode,
+            mean,
+            std,
+            skip_corrupt,
+            replays,
         )
 
 
@@ -418,7 +438,18 @@ class CIFAR100DataModule(_CIFARDataModule):
         mean: tuple[float, float, float] = CIFAR100_MEAN,
         std: tuple[float, float, float] = CIFAR100_STD,
         skip_corrupt: bool = False,
+        replays: int | None = None,
     ) -> None:
         super().__init__(
-            data_dir, batch_size, num_workers, augment, val_split, seed, pad_mode, mean, std, skip_corrupt
+            data_dir,
+            batch_size,
+            num_workers,
+            augment,
+            val_split,
+            seed,
+            pad_mode,
+            mean,
+            std,
+            skip_corrupt,
+            replays,
         )

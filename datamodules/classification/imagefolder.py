@@ -65,6 +65,9 @@ class ImageFolderDataModule(BaseClassificationDataModule):
         min_scale: smallest crop area fraction of the random resized crop.
         skip_corrupt: skip unreadable image files (dropped from their batch, listed at the end of the
             stage) instead of stopping with an error naming them.
+        replays: fixed augmentations per training image, for a teacher-output cache (see
+            :class:`~datamodules.base.BaseClassificationDataModule`); ``None``: fresh augmentations.
+        replay_seed: the seed the fixed augmentations derive from.
 
     Raises:
         FileNotFoundError: ``data_dir``, ``train_dir`` or ``val_dir`` is missing, or a split has no
@@ -90,8 +93,16 @@ class ImageFolderDataModule(BaseClassificationDataModule):
         augment: bool = True,
         min_scale: float = 0.08,
         skip_corrupt: bool = False,
+        replays: int | None = None,
+        replay_seed: int = 0,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, skip_corrupt=skip_corrupt)
+        super().__init__(
+            batch_size=batch_size,
+            num_workers=num_workers,
+            skip_corrupt=skip_corrupt,
+            replays=replays,
+            replay_seed=replay_seed,
+        )
         if resize is None:
             resize = round(image_size * 256 / 224)  # torchvision reference: resize 256, crop 224
         if image_size < 1 or resize < image_size:

@@ -65,12 +65,15 @@ class ImageNetDataModule(ImageFolderDataModule):
             ``python -m datamodules.classification.streaming convert``; ``None`` reads ``data_dir``.
         stream_cache_dir: where chunks streamed from object storage are cached (LitData's default,
             ``~/.lightning/chunks``, if ``None``); unused for a local ``stream_dir``.
+        replays: fixed augmentations per training image, for a teacher-output cache (folders only; see
+            :class:`~datamodules.base.BaseClassificationDataModule`); ``None``: fresh augmentations.
+        replay_seed: the seed the fixed augmentations derive from.
 
     Raises:
         FileNotFoundError: a missing or malformed ``data_dir`` (the message shows the expected tree), or
             a ``stream_dir`` without complete ``train/`` and ``val/`` streams (it names the converter).
         ValueError: neither ``data_dir`` nor ``stream_dir`` given, class lists that differ, or
-            ``skip_corrupt`` with ``stream_dir``.
+            ``skip_corrupt`` or ``replays`` with ``stream_dir``.
 
     Example:
         >>> dm = ImageNetDataModule("/datasets/imagenet")  # doctest: +SKIP
@@ -91,7 +94,14 @@ class ImageNetDataModule(ImageFolderDataModule):
         skip_corrupt: bool = False,
         stream_dir: str | None = None,
         stream_cache_dir: str | None = None,
+        replays: int | None = None,
+        replay_seed: int = 0,
     ) -> None:
+        if replays is not None and stream_dir is not None:
+            raise ValueError(
+                "replays (fixed augmentations for a teacher-output cache) needs the image folders: a stream "
+                "cannot be read by index. Drop stream_dir, or drop replays."
+            )
         self.stream_dir = None if stream_dir is None else os.fspath(stream_dir)
         self.stream_cache_dir = stream_cache_dir
         if self.stream_dir is None:
@@ -113,6 +123,8 @@ class ImageNetDataModule(ImageFolderDataModule):
                 augment=augment,
                 min_scale=min_scale,
                 skip_corrupt=skip_corrupt,
+                replays=replays,
+                replay_seed=replay_seed,
             )
         else:
             self._init_stream(

@@ -126,6 +126,8 @@ class SyntheticClassificationDataModule(BaseClassificationDataModule):
         num_workers: DataLoader workers; 0 is fastest for this in-memory set.
         noise: standard deviation of the additive pixel noise (pixels in [0, 1]); larger is harder.
         seed: generator seed; the same seed gives the same data.
+        replays: keyed training batches for a teacher-output cache (no augmentation here, so every
+            replay of an image is the same input and 1 is enough); ``None``: plain ``(images, labels)``.
 
     Example:
         >>> dm = SyntheticClassificationDataModule(train_size=128, val_size=64, batch_size=32)
@@ -144,8 +146,9 @@ class SyntheticClassificationDataModule(BaseClassificationDataModule):
         num_workers: int = 0,
         noise: float = 0.5,
         seed: int = 0,
+        replays: int | None = None,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, replays=replays, replay_seed=seed)
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}.")
         if image_size < 8:
