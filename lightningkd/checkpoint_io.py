@@ -49,6 +49,12 @@ METADATA_GLOBALS: frozenset[str] = frozenset(
         "numpy._core.multiarray._reconstruct",  # numpy >= 2 spelling
         "numpy.core.multiarray.scalar",
         "numpy._core.multiarray.scalar",
+        # DeepSpeed ZeRO optimizer files (zero_pp_rank_*_optim_states.pt): the stage as an enum, the loss
+        # scaler's settings and the address of each parameter's slice; read by load_deepspeed_checkpoint
+        "deepspeed.runtime.zero.config.ZeroStageEnum",
+        "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+        "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+        "deepspeed.utils.tensor_fragment.fragment_address",
     }
 )
 # ``_codecs.encode`` (the bytes of numpy arrays in protocol-2 pickles) is in torch's own allowlist, so the
@@ -254,6 +260,19 @@ def check_checkpoint_file(path: str | os.PathLike) -> bool:
     if not os.path.exists(path):
         raise FileNotFoundError(f"Checkpoint {path!r} does not exist.")
     if os.path.isdir(path):
+        if is_deepspeed_checkpoint(path):
+            raise IsADirectoryError(
+                f"Checkpoint {path!r} is a DeepSpeed checkpoint folder (Lightning's DeepSpeedStrategy writes "
+                f"one per save), not a file: write its student with `lightningkd export {path} student.pt` "
+                "and point at student.pt."
+            )
+        if os.path.exists(os.path.join(path, ".metadata")):
+            raise IsADirectoryError(
+                f"Checkpoint {path!r} is a sharded checkpoint folder (torch.distributed.checkpoint, written by "
+                "FSDP with state_dict_type 'sharded'), which lightningkd does not read: train with "
+                "lightningkd.strategies.DistillationFSDPStrategy (full checkpoints), or, if you trust the "
+                "folder, convert it once with torch.distributed.checkpoint.format_utils.dcp_to_torch_save."
+            )
         raise IsADirectoryError(
             f"Checkpoint {path!r} is a folder, not a file: point at the checkpoint file inside it "
             "(e.g. a .ckpt or .pth file saved by torch.save)."
@@ -267,6 +286,179 @@ def check_checkpoint_file(path: str | os.PathLike) -> bool:
         return False
     with open(path, "rb") as file:
         return _check_format(path, file)
+
+
+_DEEPSPEED_MODEL_FILE = re.compile(r"mp_rank_(\d+)_model_states\.pt$")
+_DEEPSPEED_OPTIMIZER_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+# what DeepSpeed adds to the client state (Lightning's checkpoint) in its model file
+_DEEPSPEED_KEYS = frozenset(
+    {
+        "module",
+        "buffer_names",
+        "optimizer",
+        "param_shapes",
+        "frozen_param_shapes",
+        "frozen_param_fragments",
+        "shared_params",
+        "lr_scheduler",
+        "data_sampler",
+        "random_ltd",
+        "sparse_tensor_module_names",
+        "skipped_steps",
+        "global_steps",
+        "global_samples",
+        "dp_world_size",
+        "mp_world_size",
+        "checkpoint_parallel_dimensions",
+        "ds_config",
+        "ds_version",
+    }
+)
+
+
+def _deepspeed_tag_folder(path: str) -> str | None:
+    """The folder holding a DeepSpeed checkpoint's files: ``path`` itself, or the tag named in ``latest``."""
+    if any(_DEEPSPEED_MODEL_FILE.fullmatch(name) for name in os.listdir(path)):
+        return path
+    latest = os.path.join(path, "latest")
+    if os.path.isfile(latest) and os.path.getsize(latest) < 4096:
+        with open(latest, encoding="utf-8", errors="replace") as file:
+            tag = file.read().strip()
+        folder = os.path.join(path, tag)
+        if (
+            tag
+            and os.path.isdir(folder)
+            and any(_DEEPSPEED_MODEL_FILE.fullmatch(n) for n in os.listdir(folder))
+        ):
+            return folder
+    return None
+
+
+def is_deepspeed_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a DeepSpeed checkpoint folder (``latest`` + ``<tag>/mp_rank_00_model_states.pt``).
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     is_deepspeed_checkpoint(folder)
+        False
+    """
+    path = os.fspath(path)
+    return os.path.isdir(path) and _deepspeed_tag_folder(path) is not None
+
+
+def _plain_int(value: Any) -> int:
+    """An int, or the value inside the stand-in of an int enum (DeepSpeed's ZeroStageEnum)."""
+    if isinstance(value, PickledStandIn) and len(value.args) == 1:
+        value = value.args[0]
+    if isinstance(value, (list, tuple)):  # partition_count: one entry per parameter group
+        return max(_plain_int(v) for v in value)
+    if not isinstance(value, int):
+        raise CheckpointError(f"Expected an integer in a DeepSpeed optimizer file, found {value!r}.")
+    return int(value)
+
+
+def load_deepspeed_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a DeepSpeed ZeRO stage 1 or 2 checkpoint folder into a Lightning checkpoint, without running code.
+
+    Lightning's ``DeepSpeedStrategy`` saves a folder per checkpoint: ``latest`` names the tag folder
+    (``checkpoint``), which holds ``mp_rank_00_model_states.pt`` (the module's weights in the training
+    precision, its buffers, the parameter shapes, and Lightning's own checkpoint entries) and one
+    ``zero_pp_rank_<r>_mp_rank_00_optim_states.pt`` per process, each with the fp32 master weights of its
+    slice of every parameter group. The trainable weights are rebuilt in fp32 as DeepSpeed's
+    ``zero_to_fp32`` does: per group, the ranks' slices are concatenated in rank order and cut into the
+    parameters in the order of ``param_shapes`` (skipping the alignment padding the file records); buffers,
+    frozen parameters (when the run saved them) and tied parameters come from the model file. Every file
+    is read with :func:`load_checkpoint_file` (DeepSpeed's enum, loss-scaler and fragment objects load as
+    inert stand-ins).
+
+    Args:
+        path: the checkpoint folder (the ``.ckpt`` folder Lightning wrote, or its tag folder).
+
+    Returns:
+        Lightning's checkpoint entries with ``"state_dict"``: full fp32 weights, keys as in the module.
+
+    Raises:
+        CheckpointError: not a DeepSpeed folder, ZeRO stage 3 (parameters themselves partitioned), model
+            parallel files, or files missing or inconsistent with each other.
+    """
+    path = os.fspath(path)
+    folder = _deepspeed_tag_folder(path) if os.path.isdir(path) else None
+    if folder is None:
+        raise CheckpointError(
+            f"{path!r} is not a DeepSpeed checkpoint folder: it holds neither mp_rank_00_model_states.pt nor a "
+            "'latest' file naming a folder that does."
+        )
+    names = os.listdir(folder)
+    model_files = sorted(n for n in names if _DEEPSPEED_MODEL_FILE.fullmatch(n))
+    if model_files != ["mp_rank_00_model_states.pt"]:
+        raise CheckpointError(
+            f"DeepSpeed checkpoint {folder!r} holds the model files {model_files}: tensor or pipeline model "
+            "parallel checkpoints are not supported; only data parallel ZeRO stage 1/2 folders are."
+        )
+    optimizer_files = {}
+    for name in names:
+        match = _DEEPSPEED_OPTIMIZER_FILE.fullmatch(name)
+        if match:
+            optimizer_files[int(match.group(1))] = os.path.join(folder, name)
+    model = load_checkpoint_file(os.path.join(folder, model_files[0]))
+    if not optimizer_files:
+        raise CheckpointError(
+            f"DeepSpeed checkpoint {folder!r} has no zero_pp_rank_*_optim_states.pt files, which hold the fp32 "
+            "weights: the save was interrupted or the files were not copied. Copy the whole folder."
+        )
+    first = load_checkpoint_file(optimizer_files[min(optimizer_files)])["optimizer_state_dict"]
+    stage = _plain_int(first["zero_stage"])
+    if stage not in (1, 2):
+        raise CheckpointError(
+            f"DeepSpeed checkpoint {folder!r} is ZeRO stage {stage}; lightningkd reads stages 1 and 2. If you trust "
+            "the folder, convert it once with lightning.pytorch.utilities.deepspeed."
+            "convert_zero_checkpoint_to_fp32_state_dict(folder, 'model.ckpt') (it unpickles the files, running "
+            "what they ask for) and export model.ckpt."
+        )
+    world_size = _plain_int(first["partition_count"])
+    if sorted(optimizer_files) != list(range(world_size)):
+        raise CheckpointError(
+            f"DeepSpeed checkpoint {folder!r} was written by {world_size} processes but holds the optimizer files "
+            f"of ranks {sorted(optimizer_files)}: files are missing or left from another save. Copy the folder "
+            "again."
+        )
+    slices = [first["single_partition_of_fp32_groups"]]
+    for rank in range(1, world_size):
+        state = load_checkpoint_file(optimizer_files[rank])["optimizer_state_dict"]
+        slices.append(state["single_partition_of_fp32_groups"])
+    paddings = first.get("param_alignment_paddings")
+    module = model["module"]
+    weights: dict[str, torch.Tensor] = {}
+    for group, shapes in enumerate(model["param_shapes"]):
+        flat = torch.cat([ranks[group].reshape(-1) for ranks in slices])
+        offset = 0
+        for index, (name, shape) in enumerate(shapes.items()):
+            numel = int(torch.Size(shape).numel())
+            if offset + numel > flat.numel():
+                raise CheckpointError(
+                    f"DeepSpeed checkpoint {folder!r}: the fp32 slices of parameter group {group} hold "
+                    f"{flat.numel()} values, fewer than its parameters need (at {name!r}): the files come "
+                    "from different saves or runs."
+                )
+            weights[name] = flat[offset : offset + numel].view(shape).clone()
+            offset += numel + (int(paddings[group][index]) if paddings else 0)
+    for name in [*(model.get("buffer_names") or []), *(model.get("frozen_param_shapes") or {})]:
+        if name in module:
+            value = module[name]
+            weights[name] = value.float() if value.is_floating_point() else value
+    for name, source in (model.get("shared_params") or {}).items():
+        if source in weights:
+            weights[name] = weights[source]
+    # the module's key order; keys written only by older Lightning carry its wrapper's prefix
+    order = {key: i for i, key in enumerate(module)}
+    state_dict = {
+        key.removeprefix("_forward_module."): weights[key]
+        for key in sorted(weights, key=lambda k: order.get(k, len(order)))
+    }
+    checkpoint = {k: v for k, v in model.items() if k not in _DEEPSPEED_KEYS}
+    checkpoint["state_dict"] = state_dict
+    return checkpoint
 
 
 def _load_safetensors(path: str) -> Any:

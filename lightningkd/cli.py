@@ -10,6 +10,7 @@ plain LightningCLI configs: any LightningCLI built on ``DistillationModule`` run
     lightningkd layers --model retinanet_resnet18_fpn --num_classes 20 --input_size 3 512 512
     lightningkd layers --config recipe.yaml
     lightningkd export path/to/last.ckpt student.pt
+    lightningkd cache --config recipe.yaml --output runs/teacher_cache --data.init_args.replays 8
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ from lightningkd.models.weights import (  # noqa: E402
     load_state_dict_checked,
 )
 from lightningkd.modules.base import DistillationModule  # noqa: E402
-from lightningkd.taps import ITEM_SEPARATOR, describe_layers  # noqa: E402
+from lightningkd.taps import ITEM_SEPARATOR, OUTPUT, describe_layers  # noqa: E402
+from lightningkd.teacher_cache import write_teacher_cache  # noqa: E402
 
 
 class DistillationCLI(LightningCLI):
@@ -350,6 +352,56 @@ def _export(argv: Sequence[str]) -> None:
     )
 
 
+def _cache(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="lightningkd cache",
+        description="Run a recipe's teacher once over every replayed training input (the datamodule's "
+        "replays fixed augmentations of each image) and store its outputs by key; then train with "
+        "model.init_args.teacher_cache: FOLDER. Other options (e.g. --data.init_args.replays 8) go to the "
+        "recipe as in `lightningkd fit`.",
+    )
+    parser.add_argument("--config", action="append", required=True, help="the recipe (repeatable)")
+    parser.add_argument("--output", required=True, help="the cache folder to create (never overwritten)")
+    parser.add_argument(
+        "--layers",
+        nargs="+",
+        default=[OUTPUT],
+        help="teacher layers to store (default: output, the logits); feature maps are opt-in and cost "
+        "far more disk: the size is printed before writing",
+    )
+    parser.add_argument("--top_k", type=int, help="keep only the k largest logits (and their log-sum-exp)")
+    parser.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    parser.add_argument("--batch_size", type=int, help="teacher batch size (default: the datamodule's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--precision", choices=["32", "bf16", "16"], default="32", help="autocast dtype of the teacher"
+    )
+    ns, rest = parser.parse_known_args(list(argv))
+    recipe = [arg for path in ns.config for arg in ("--config", path)]
+    cli = lightning_cli([*recipe, *rest], run=False)
+    module, datamodule = cli.model, cli.datamodule
+    needed = sorted({name for d in module.distillers for name in d.teacher_layers})
+    missing = [name for name in needed if name not in ns.layers]
+    if missing:
+        raise ValueError(
+            f"The recipe's distillers read the teacher layers {needed}, but only {ns.layers} would be "
+            f"stored. Feature maps are opt-in (their size is printed before writing): add --layers "
+            f"{' '.join(needed)}."
+        )
+    precision = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}[ns.precision]
+    write_teacher_cache(
+        module,
+        datamodule,
+        ns.output,
+        layers=ns.layers,
+        top_k=ns.top_k,
+        dtype=ns.dtype,
+        batch_size=ns.batch_size,
+        device=ns.device,
+        precision=precision,
+    )
+
+
 TRACEBACK_VARIABLE = "LIGHTNINGKD_TRACEBACK"
 OVERVIEW = f"""lightningkd: knowledge distillation recipes on PyTorch Lightning.
 
@@ -364,6 +416,9 @@ commands:
         write the student's weights alone.
   lightningkd export CHECKPOINT.ckpt STUDENT.onnx --format onnx --config RECIPE.yaml --input_size C H W
         write the student as ONNX, checked against PyTorch with onnxruntime.
+  lightningkd cache --config RECIPE.yaml --output FOLDER [--top_k K] [--layers output ...]
+        run the teacher once over every replayed training input (data.init_args.replays) and store its
+        outputs; train with model.init_args.teacher_cache: FOLDER to read them instead of running it.
 
 errors print their root cause; add --traceback (or set {TRACEBACK_VARIABLE}=1) for the full traceback.
 """
@@ -390,6 +445,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             _layers(args[1:])
         elif args[0] == "export":
             _export(args[1:])
+        elif args[0] == "cache":
+            _cache(args[1:])
         else:
             if argv is None:
                 sys.argv = [sys.argv[0], *args]  # without --traceback, which LightningCLI does not know

@@ -13,7 +13,13 @@ import numpy as np
 import torch
 from torchvision.models import detection
 
-from lightningkd.checkpoint_io import CheckpointError, is_lightning_checkpoint, load_checkpoint_file
+from lightningkd.checkpoint_io import (
+    CheckpointError,
+    is_deepspeed_checkpoint,
+    is_lightning_checkpoint,
+    load_checkpoint_file,
+    load_deepspeed_checkpoint,
+)
 from lightningkd.models.weights import STUDENT_PREFIX, extract_state_dict
 
 
@@ -31,7 +37,9 @@ def export_student(
     written to a temporary file renamed into place, so a failed export leaves no partial file.
 
     Args:
-        checkpoint: the Lightning checkpoint of a lightningkd run.
+        checkpoint: the Lightning checkpoint of a lightningkd run: a file (single device, DDP, FSDP with
+            full state dicts), or the folder Lightning's DeepSpeedStrategy writes (ZeRO stage 1/2, read
+            with :func:`lightningkd.checkpoint_io.load_deepspeed_checkpoint`: the fp32 master weights).
         output: the file to write (missing folders are created).
         prefix: the sub-module to export (``student.``; ``distillers.0.`` would export an adapter).
         overwrite: replace an existing ``output``. A Lightning checkpoint, or the input itself, is never
@@ -60,7 +68,11 @@ def export_student(
     if not os.path.exists(checkpoint):
         raise FileNotFoundError(f"Checkpoint {checkpoint!r} does not exist.")
     _check_output(output, overwrite, source=checkpoint)
-    state = extract_state_dict(load_checkpoint_file(checkpoint), prefix=prefix)
+    if is_deepspeed_checkpoint(checkpoint):  # a folder: Lightning's DeepSpeedStrategy, ZeRO stage 1/2
+        loaded = load_deepspeed_checkpoint(checkpoint)
+    else:
+        loaded = load_checkpoint_file(checkpoint)
+    state = extract_state_dict(loaded, prefix=prefix)
     _save_atomically(state, output)
     return len(state)
 

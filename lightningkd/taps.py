@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -18,6 +18,10 @@ OUTPUT = "output"
 ITEM_SEPARATOR = ":"
 """``"<layer>:<key>"`` taps one entry of a layer that returns a dict (an FPN level ``"backbone:p6"``) or,
 with an integer key, of a layer that returns a list or tuple (an mmseg backbone's stage ``"backbone:2"``)."""
+
+
+class ModelCompileError(RuntimeError):
+    """``torch.compile`` failed on a model run by a :class:`FeatureTap` (the cause is chained)."""
 
 
 def list_layers(model: nn.Module) -> list[str]:
@@ -78,6 +82,9 @@ class FeatureTap:
     ``(tokens, hw_shape)``: ``"backbone.layers.0.0:0"``). A key the layer does not return, or an index out
     of range, fails at the first call naming the keys it does return or the length of its output.
 
+    :meth:`compile` makes calls of the tap run the model through ``torch.compile``: the hooks are traced
+    into the compiled graph, and the model object itself is left uncompiled (see there).
+
     Args:
         model: any ``nn.Module``; it is not modified apart from the hooks.
         layers: ``named_modules()`` paths to record. ``"output"`` is always available and need not be named.
@@ -115,6 +122,10 @@ class FeatureTap:
         # hooks store only inside run(): a model called directly (evaluation, or ScaleKD running teacher
         # stages on student features) leaves nothing behind that would hold its tensors or graph
         self._recording = False
+        self._compile_options: dict[str, Any] | None = None
+        self._compile_label = ""
+        self._eager_hint = ""
+        self._compiled: Callable[..., Any] | None = None
         # partial of a method (not a closure) keeps the hooked model picklable and deep-copyable
         self._handles = [
             modules[module_name].register_forward_hook(partial(self._store, module_name, tuple(names)))
@@ -152,7 +163,87 @@ class FeatureTap:
                 )
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        return self.run(self.model, *args, **kwargs)
+        if self._compile_options is None:
+            return self.run(self.model, *args, **kwargs)
+        if self._compiled is None:
+            self._compiled = torch.compile(self.model, **self._compile_options)
+        try:
+            return self.run(self._compiled, *args, **kwargs)
+        except Exception as error:
+            # imported here: torch.compile has loaded it by now, and importing it up front costs seconds
+            from torch._dynamo.exc import TorchDynamoException
+
+            if not isinstance(error, TorchDynamoException):
+                raise  # the model's own error (or a tap's), raised as in eager mode
+            # dynamo and inductor errors (an op without a fake/meta kernel, a backend or C++ compiler
+            # failure) surface here at the first call, or at a recompilation for a new input shape
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            # dynamo's first line is generic ("RuntimeError when making fake tensor call"); its
+            # "Explanation:" line names the op or construct that failed
+            summary = ". ".join(
+                [line.rstrip(".") for line in lines[:1]]
+                + [line for line in lines[1:] if line.startswith("Explanation:")][:1]
+            )
+            summary = summary if len(summary) <= 600 else summary[:597] + "..."
+            raise ModelCompileError(
+                f"torch.compile failed on {self._compile_label} ({type(self.model).__name__}): "
+                f"{type(error).__name__}: {summary.rstrip('.')}. {self._eager_hint} (if the error remains "
+                "eagerly, the model itself fails on this input)."
+            ) from error
+
+    def compile(
+        self,
+        label: str = "the model",
+        eager_hint: str = "Run it eagerly (without FeatureTap.compile) to avoid compiling it",
+        **options: Any,
+    ) -> None:
+        """Run the model through ``torch.compile`` whenever the tap is called; nothing is compiled yet.
+
+        The compiled callable is built at the next call and compiled there (the cost of compiling falls on
+        that first call, and again on a recompilation, e.g. for a new input shape or grad mode). Dynamo
+        traces the forward hooks into the graph, so the tapped features are graph outputs and the
+        features and gradients equal the eager ones up to floating-point reordering.
+
+        The model itself stays a plain module: calling it directly (evaluation), its ``state_dict`` keys,
+        pickling and export (``torch.onnx.export``, ``torch.jit.trace``, which refuse a dynamo-compiled
+        module) are those of the uncompiled model. :meth:`run` with another ``fn`` runs ``fn`` as given.
+        Hooks added to the model after the first compiled call are not seen (dynamo does not guard on
+        module hooks by default, ``torch._dynamo.config.skip_nnmodule_hook_guards``): make every tap
+        before that call.
+
+        Args:
+            label: how an error names the model (``"the student"``).
+            eager_hint: the sentence an error ends with, saying how to run the model eagerly.
+            **options: keyword arguments of :func:`torch.compile` (``mode``, ``backend``, ``dynamic`` ...).
+
+        Raises:
+            ModelCompileError: (at a call of the tap) dynamo or the backend failed on the model; the
+                message names ``label`` and the model's class and ends with ``eager_hint``, and the
+                original error is chained.
+
+        Example:
+            >>> import torch, torch.nn as nn
+            >>> net = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+            >>> tap = FeatureTap(net, ["0"])
+            >>> tap.compile("the student", backend="eager")  # backend="eager": dynamo only, compiles fast
+            >>> feats = tap(torch.ones(2, 4))
+            >>> sorted(feats), tap.compiled, "_orig_mod" in str(list(net.state_dict()))
+            (['0', 'output'], True, False)
+        """
+        self._compile_options = dict(options)
+        self._compile_label = label
+        self._eager_hint = eager_hint.rstrip(".")
+        self._compiled = None
+
+    @property
+    def compiled(self) -> bool:
+        """Whether calls of the tap run the model through ``torch.compile`` (see :meth:`compile`)."""
+        return self._compile_options is not None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_compiled"] = None  # a compiled callable does not pickle: it is rebuilt at the next call
+        return state
 
     def run(self, fn: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """Call ``fn`` (the model, or a part of it such as its backbone) and return the features it tapped.

@@ -8,7 +8,7 @@ import torch
 import yaml
 from lightning.pytorch.cli import LightningCLI
 
-from lightningkd.cli import lightning_cli
+from lightningkd.cli import lightning_cli, main
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("classification/**/*.yaml"))
@@ -69,6 +69,8 @@ def synthetic_overrides(recipe: Path) -> list[str]:
                 "batch_size": 4,
             },
         }
+        if spec["data"]["init_args"].get("replays"):  # keyed batches for a teacher cache
+            data["init_args"]["replays"] = spec["data"]["init_args"]["replays"]
     args = ["--data", json.dumps(data), "--trainer.fast_dev_run=1", "--trainer.accelerator=cpu"]
     args += ["--trainer.devices=1"]  # loggers write under the test's working directory
     for role in ("teacher", "model"):  # "model": the frozen teacher of a token recipe
@@ -161,9 +163,14 @@ def test_recipe_fast_dev_run_on_synthetic_data(recipe: Path, tmp_path, monkeypat
         stage1 = token_recipe(tokens)
         lightning_cli(["fit", "--config", str(stage1), *synthetic_overrides(stage1)])
         assert (tmp_path / tokens).is_file(), f"{stage1.name} did not write {tokens}"
+    cache = spec["model"]["init_args"].get("teacher_cache")
+    if cache:  # write the teacher cache the recipe reads, as its comment says, from the same overrides
+        main(["cache", "--config", str(recipe), *synthetic_overrides(recipe), "--output", cache])
     cli = lightning_cli(["fit", "--config", str(recipe), *synthetic_overrides(recipe)])
     assert cli.trainer.state.finished
     assert cli.trainer.global_step == 1
+    if cache:
+        assert cli.model.teacher_cache is not None  # the fit read the cache (a wrong one is refused)
     metrics = cli.trainer.callback_metrics
     assert {"train/loss", "train/task_loss"} <= set(metrics)
     for d in cli.model.distillers:

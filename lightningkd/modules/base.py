@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from lightningkd.checkpoint_io import describe_key_mismatch
 from lightningkd.distillers.base import Distiller, sum_terms
 from lightningkd.taps import OUTPUT, Features, FeatureTap
+from lightningkd.teacher_cache import TeacherCache, expected_hit_rate, teacher_fingerprint
 
 TEACHER_PREFIX = "teacher."
 # consecutive skipped steps after which on_nonfinite="skip" gives up: the weights no longer change, so every
@@ -72,10 +73,24 @@ class DistillationModule(L.LightningModule, abc.ABC):
             :class:`lightningkd.teacher.Renormalize` when the teacher was trained with other statistics or
             another resolution). Computed once per batch.
         channels_last: run both models in channels-last memory format (faster convolutions on GPUs).
+        compile_student: run the student's forward in training steps through ``torch.compile`` (default
+            options), compiled at the first training step (a recompilation follows for a new input shape,
+            e.g. a smaller last batch). The taps' hooks are traced into the graph, so feature distillers
+            read the same features. Only the calls through the tap are compiled: the ``student`` module
+            itself is unchanged, so ``state_dict`` keys, checkpoints, evaluation (eager), prediction and
+            export are those of the plain model. A model that cannot compile stops the first step with a
+            :class:`~lightningkd.taps.ModelCompileError` naming it; set this to false to run it eagerly.
+        compile_teacher: the same for the teacher's forward in training steps (its evaluation runs once
+            per run, eagerly).
         extra_student_layers: student layers a task module taps for itself (e.g. an auxiliary head).
         on_nonfinite: ``"stop"`` (raise :class:`NonFiniteError` at the first non-finite loss) or ``"skip"``
             (skip that optimizer step with a warning; the run still stops after
             ``MAX_CONSECUTIVE_SKIPS`` skipped steps in a row).
+        teacher_cache: a teacher-output cache folder written by ``lightningkd cache`` (see
+            :mod:`lightningkd.teacher_cache`): training reads the teacher's outputs from it by the batch's
+            ``key`` instead of running the teacher (inputs not in the cache still run it). The datamodule
+            must have ``replays`` set; a cache written for another teacher, data set, augmentation or
+            replay seed is refused when fitting starts, with what differs.
     """
 
     def __init__(
@@ -89,8 +104,11 @@ class DistillationModule(L.LightningModule, abc.ABC):
         lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
         teacher_input: nn.Module | None = None,
         channels_last: bool = False,
+        compile_student: bool = False,
+        compile_teacher: bool = False,
         extra_student_layers: Sequence[str] = (),
         on_nonfinite: Literal["stop", "skip"] = "stop",
+        teacher_cache: str | None = None,
     ) -> None:
         super().__init__()
         distillers = list(distillers)
@@ -108,6 +126,8 @@ class DistillationModule(L.LightningModule, abc.ABC):
         if on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}.")
         _deduplicate_names(distillers)
+        if teacher_cache is not None:
+            _check_cacheable(teacher, distillers)
 
         self.student = student
         self.teacher = teacher
@@ -122,6 +142,8 @@ class DistillationModule(L.LightningModule, abc.ABC):
         self.teacher_validated = False
         self.skipped_steps = 0
         self._consecutive_skips = 0
+        self.teacher_cache_path = teacher_cache
+        self.teacher_cache: TeacherCache | None = None  # opened and checked when fitting starts
 
         self.student_tap = FeatureTap(
             student, [*extra_student_layers, *(n for d in distillers for n in d.student_layers)]
@@ -138,6 +160,14 @@ class DistillationModule(L.LightningModule, abc.ABC):
                 d.attach_teacher(teacher)
         if channels_last:
             self.to(memory_format=torch.channels_last)
+        if compile_teacher and self.teacher_tap is None:
+            raise ValueError("compile_teacher was set but there is no teacher: drop compile_teacher.")
+        self.compile_student = compile_student
+        self.compile_teacher = compile_teacher
+        if compile_student:  # lazy: compiled at the first training step, after every tap is in place
+            self.student_tap.compile("the student", _eager_hint("student"))
+        if compile_teacher and self.teacher_tap is not None:
+            self.teacher_tap.compile("the teacher", _eager_hint("teacher"))
 
     # ---- the frozen teacher -------------------------------------------------------------------------
     def train(self, mode: bool = True) -> DistillationModule:
@@ -152,12 +182,44 @@ class DistillationModule(L.LightningModule, abc.ABC):
         ``batch`` (the unpacked training batch) is for tasks whose models read more than the images.
         """
         assert self.teacher_tap is not None
+        if self.teacher_cache is not None and self.training:
+            return self._cached_teacher_features(images, batch)
+        return self._run_teacher(images)
+
+    def _run_teacher(self, images: Tensor) -> Features:
+        assert self.teacher_tap is not None
         if self.teacher_input is not None:
             images = self.teacher_input(images)
         if any(d.needs_teacher_grad for d in self.distillers):
             return self.teacher_tap(images)
         with torch.no_grad():
             return self.teacher_tap(images)
+
+    def _cached_teacher_features(self, images: Tensor, batch: Mapping[str, Any] | None) -> Features:
+        """The teacher layers the distillers read, from the cache by key; cache misses run the teacher."""
+        assert self.teacher_cache is not None
+        keys = None if batch is None else batch.get("key")
+        if keys is None:
+            raise ValueError(
+                "teacher_cache is set but the training batches carry no 'key': set data.init_args.replays "
+                "(the value the cache was written with) so that every batch names its exact inputs."
+            )
+        hit, rows = self.teacher_cache.lookup(keys)
+        layers = {name for d in self.distillers for name in d.teacher_layers}
+        if self.log_due():
+            self.log("train/teacher_cache_hit_rate", len(rows) / len(keys), batch_size=len(keys))
+        if len(rows) == len(keys):
+            return {name: self.teacher_cache.read(name, rows, images.device) for name in layers}
+        ran = self._run_teacher(images[~hit])
+        features: Features = {}
+        for name in layers:
+            computed = ran[name].float()
+            value = computed.new_empty((len(keys), *computed.shape[1:]))
+            value[~hit] = computed
+            if len(rows):
+                value[hit] = self.teacher_cache.read(name, rows, images.device)
+            features[name] = value
+        return features
 
     def student_features(self, images: Tensor, batch: Mapping[str, Any] | None = None) -> Features:
         """Run the student through its tap; ``batch`` is for tasks whose models also read the targets."""
@@ -396,6 +458,34 @@ class DistillationModule(L.LightningModule, abc.ABC):
             if model is not None:
                 _check_finite_weights(model, who)
         self._check_datamodule()
+        if stage == "fit" and self.teacher_cache_path is not None:
+            self.teacher_cache = self._open_teacher_cache()
+
+    def _open_teacher_cache(self) -> TeacherCache:
+        """Open ``teacher_cache`` and refuse it unless it fits this teacher, data and augmentation."""
+        cache = TeacherCache(self.teacher_cache_path)  # type: ignore[arg-type]
+        needed = sorted({name for d in self.distillers for name in d.teacher_layers})
+        missing = [name for name in needed if name not in cache.layers]
+        if missing:
+            raise ValueError(
+                f"The distillers read the teacher layers {missing}, which the cache '{cache.folder}' does "
+                f"not hold (it has {sorted(cache.layers)}): write it with "
+                f"`lightningkd cache ... --layers {' '.join(needed)}`."
+            )
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None or not hasattr(datamodule, "cache_fingerprint"):
+            raise ValueError(
+                "teacher_cache needs a classification datamodule with replays (it checks that the cache was "
+                "written for the same images and augmentation); pass datamodule=... to Trainer.fit."
+            )
+        cache.check(teacher_fingerprint(self.teacher, self.teacher_input), datamodule.cache_fingerprint())
+        rate = expected_hit_rate(cache.meta["replays"], datamodule.replays)
+        if rate < 1.0 and cache.meta["augmented"]:  # unaugmented: every replay is the same input
+            rank_zero_warn(
+                f"The teacher cache holds {cache.meta['replays']} replays per image but the datamodule draws "
+                f"from {datamodule.replays}: about {1 - rate:.0%} of the inputs will run the teacher."
+            )
+        return cache
 
     def _check_datamodule(self) -> None:
         """Refuse a datamodule whose classes or ignore index contradict this module's."""
@@ -451,6 +541,10 @@ class DistillationModule(L.LightningModule, abc.ABC):
         checkpoint["lightningkd"] = {"teacher_validated": self.teacher_validated}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "state_dict" not in checkpoint:
+            # FSDP strategies load (and check, lightningkd.strategies) the weights before this hook runs
+            self.teacher_validated = checkpoint.get("lightningkd", {}).get("teacher_validated", False)
+            return
         self._check_resumed_state(checkpoint["state_dict"])
         # the teacher comes from the recipe, not the checkpoint: put its current weights back in so
         # strict loading still checks every student and adapter key
@@ -467,9 +561,13 @@ class DistillationModule(L.LightningModule, abc.ABC):
             return f"distillers.{self.distillers[int(index)].name}.{tail}"
         return key
 
-    def _check_resumed_state(self, saved: Mapping[str, Any]) -> None:
-        """Refuse a checkpoint written by another student or other distillers, saying what changed."""
-        own = {k: v for k, v in self.state_dict().items() if not k.startswith(TEACHER_PREFIX)}
+    def _check_resumed_state(self, saved: Mapping[str, Any], own: Mapping[str, Any] | None = None) -> None:
+        """Refuse a checkpoint written by another student or other distillers, saying what changed.
+
+        ``own``: this module's full ``state_dict`` when ``self.state_dict()`` holds shards (FSDP).
+        """
+        own = self.state_dict() if own is None else own
+        own = {k: v for k, v in own.items() if not k.startswith(TEACHER_PREFIX)}
         saved = {k: v for k, v in saved.items() if not k.startswith(TEACHER_PREFIX)}
         missing = [k for k in own if k not in saved]
         unexpected = [k for k in saved if k not in own]
@@ -546,6 +644,35 @@ def _check_finite_weights(model: nn.Module, who: str) -> None:
             f"e.g. {broken[:5]}: its checkpoint is broken (a run that diverged, or a damaged file). "
             f"Point the {who}'s checkpoint at a healthy file."
         )
+
+
+def _check_cacheable(teacher: nn.Module | None, distillers: Sequence[Distiller]) -> None:
+    """Refuse a teacher cache where the teacher must run anyway (its graph, or its layers, are needed)."""
+    if teacher is None:
+        raise ValueError(
+            "teacher_cache was given without a teacher: pass the teacher the cache was written for."
+        )
+    for d in distillers:
+        if d.needs_teacher_grad:
+            raise ValueError(
+                f"{type(d).__name__} back-propagates through the teacher (needs_teacher_grad), which a cache of "
+                "its outputs cannot do: drop teacher_cache for this run."
+            )
+        for part in d.modules():
+            # wrappers (PerLevel, Adapted) override attach_teacher only to pass it on to the distillers inside
+            wrapper = any(isinstance(inner, Distiller) for inner in part.modules() if inner is not part)
+            if isinstance(part, Distiller) and "attach_teacher" in vars(type(part)) and not wrapper:
+                raise ValueError(
+                    f"{type(part).__name__} runs the teacher's own layers on student features, so the teacher "
+                    "must be present at every step: drop teacher_cache for this run."
+                )
+
+
+def _eager_hint(who: str) -> str:
+    return (
+        f"Set compile_{who}: false (model.init_args.compile_{who} in a recipe; compile_{who}=False in Python) "
+        f"to run the {who} eagerly"
+    )
 
 
 def _deduplicate_names(distillers: Sequence[Distiller]) -> None:

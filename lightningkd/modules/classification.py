@@ -33,7 +33,10 @@ class ClassificationDistillationModule(DistillationModule):
         lr_scheduler_interval: see :class:`~lightningkd.modules.base.DistillationModule`.
         teacher_input: see :class:`~lightningkd.modules.base.DistillationModule`.
         channels_last: see :class:`~lightningkd.modules.base.DistillationModule`.
+        compile_student: see :class:`~lightningkd.modules.base.DistillationModule`.
+        compile_teacher: see :class:`~lightningkd.modules.base.DistillationModule`.
         on_nonfinite: see :class:`~lightningkd.modules.base.DistillationModule`.
+        teacher_cache: see :class:`~lightningkd.modules.base.DistillationModule`.
 
     Example:
         >>> import torch.nn as nn
@@ -57,7 +60,10 @@ class ClassificationDistillationModule(DistillationModule):
         lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
         teacher_input: nn.Module | None = None,
         channels_last: bool = False,
+        compile_student: bool = False,
+        compile_teacher: bool = False,
         on_nonfinite: Literal["stop", "skip"] = "stop",
+        teacher_cache: str | None = None,
     ) -> None:
         super().__init__(
             student,
@@ -69,7 +75,10 @@ class ClassificationDistillationModule(DistillationModule):
             lr_scheduler_interval=lr_scheduler_interval,
             teacher_input=teacher_input,
             channels_last=channels_last,
+            compile_student=compile_student,
+            compile_teacher=compile_teacher,
             on_nonfinite=on_nonfinite,
+            teacher_cache=teacher_cache,
         )
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}.")

@@ -141,6 +141,11 @@ class DetectionDistillationModule(DistillationModule):
         lr_scheduler_interval: see :class:`~lightningkd.modules.base.DistillationModule`.
         teacher_input: applied to the teacher's padded batch (e.g. other normalisation statistics); it
             must keep the batch's size, so that boxes and FPN levels stay aligned.
+        compile_student: see :class:`~lightningkd.modules.base.DistillationModule`. A detector's
+            data-dependent parts (proposals, NMS, the image-size transform) break the graph into pieces and
+            recompile for new image sizes, so measure before relying on it.
+        compile_teacher: see :class:`~lightningkd.modules.base.DistillationModule`. When the
+            distillers read only the teacher's backbone, the backbone runs alone and eagerly.
         on_nonfinite: see :class:`~lightningkd.modules.base.DistillationModule`.
 
     Example:
@@ -164,6 +169,8 @@ class DetectionDistillationModule(DistillationModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
         teacher_input: nn.Module | None = None,
+        compile_student: bool = False,
+        compile_teacher: bool = False,
         on_nonfinite: Literal["stop", "skip"] = "stop",
     ) -> None:
         for who, model in (("student", student), ("teacher", teacher)):
@@ -181,6 +188,8 @@ class DetectionDistillationModule(DistillationModule):
             lr_scheduler=lr_scheduler,
             lr_scheduler_interval=lr_scheduler_interval,
             teacher_input=teacher_input,
+            compile_student=compile_student,
+            compile_teacher=compile_teacher,
             on_nonfinite=on_nonfinite,
         )
         if num_classes < 1:

@@ -59,6 +59,8 @@ class SegmentationDistillationModule(DistillationModule):
         lr_scheduler_interval: see :class:`~lightningkd.modules.base.DistillationModule`.
         teacher_input: see :class:`~lightningkd.modules.base.DistillationModule`.
         channels_last: see :class:`~lightningkd.modules.base.DistillationModule`.
+        compile_student: see :class:`~lightningkd.modules.base.DistillationModule`.
+        compile_teacher: see :class:`~lightningkd.modules.base.DistillationModule`.
         on_nonfinite: see :class:`~lightningkd.modules.base.DistillationModule`.
 
     Example:
@@ -90,6 +92,8 @@ class SegmentationDistillationModule(DistillationModule):
         lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
         teacher_input: nn.Module | None = None,
         channels_last: bool = False,
+        compile_student: bool = False,
+        compile_teacher: bool = False,
         on_nonfinite: Literal["stop", "skip"] = "stop",
     ) -> None:
         super().__init__(
@@ -102,6 +106,8 @@ class SegmentationDistillationModule(DistillationModule):
             lr_scheduler_interval=lr_scheduler_interval,
             teacher_input=teacher_input,
             channels_last=channels_last,
+            compile_student=compile_student,
+            compile_teacher=compile_teacher,
             on_nonfinite=on_nonfinite,
             extra_student_layers=_names(aux_layer),
         )
