@@ -14,9 +14,15 @@ Setting (chosen so that the 10 runs fit in well under an hour on 2 CPU cores; se
              (mdistiller: 20 of 240 epochs); ``--dkd-beta 2`` gives mdistiller's beta for its smallest
              CIFAR pair (res56 -> res20), reported as a second DKD row
 
+Teacher-output caching (``--replays K``: each training image has K fixed augmentations; ``--run cache``
+writes the teacher's logits for all of them, ``--cache FOLDER`` makes a KD run read them instead of
+running the teacher; ``experiments/run_cifar10_cache.sh`` compares cached and uncached KD).
+
 Usage:
     python experiments/cifar10_kd.py --data-dir /tmp/cifar10 --run teacher --seed 0
     python experiments/cifar10_kd.py --data-dir /tmp/cifar10 --run kd --seed 1 --teacher runs/evidence/teacher.ckpt
+    python experiments/cifar10_kd.py --data-dir /tmp/cifar10 --run cache --replays 4 --cache runs/cache/c \
+        --teacher runs/evidence/teacher.ckpt
 (``experiments/run_cifar10_kd.sh`` runs the whole table and writes ``runs/evidence/results.jsonl``.)
 """
 
@@ -38,6 +44,7 @@ from lightningkd.callbacks import KDWeightWarmup, PreciseBatchNorm  # noqa: E402
 from lightningkd.distillers import DKD, KD  # noqa: E402
 from lightningkd.models import classifier  # noqa: E402
 from lightningkd.modules import ClassificationDistillationModule  # noqa: E402
+from lightningkd.teacher_cache import write_teacher_cache  # noqa: E402
 
 TEACHER, STUDENT = "resnet18", "shufflenet_v2_x0_5"
 
@@ -58,14 +65,15 @@ def build(
     steps: int,
     dkd_beta: float = 8.0,
     warmup_fraction: float = 20 / 240,
+    cache: str | None = None,
 ) -> tuple[ClassificationDistillationModule, list]:
     student = classifier(TEACHER if run == "teacher" else STUDENT, num_classes=10)
     teacher, distillers, task_weight, callbacks = None, [], 1.0, []
-    if run in ("kd", "dkd"):
+    if run in ("kd", "dkd", "cache"):
         if not teacher_ckpt:
             raise SystemExit(f"--run {run} needs --teacher (a checkpoint of the teacher run)")
         teacher = classifier(TEACHER, num_classes=10, checkpoint=teacher_ckpt)
-    if run == "kd":
+    if run in ("kd", "cache"):
         distillers, task_weight = [KD(temperature=4.0, weight=0.9)], 0.1
     elif run == "dkd":
         distillers = [DKD(alpha=1.0, beta=dkd_beta, temperature=4.0)]
@@ -79,6 +87,7 @@ def build(
         task_weight=task_weight,
         optimizer=functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=5e-4),
         lr_scheduler=functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=epochs),
+        teacher_cache=cache if run != "cache" else None,
     )
     return module, callbacks
 
@@ -88,7 +97,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--data-dir", required=True, help="folder holding the extracted cifar10.tar.gz")
-    parser.add_argument("--run", choices=["teacher", "student", "kd", "dkd"], required=True)
+    parser.add_argument("--run", choices=["teacher", "student", "kd", "dkd", "cache"], required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--train-batches", type=int, default=100, help="random batches of 128 per epoch")
@@ -113,6 +122,8 @@ def main() -> None:
     parser.add_argument("--label", help="name of the run in results.jsonl (default: from --run)")
     parser.add_argument("--out-dir", default="runs/evidence")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--replays", type=int, help="fixed augmentations per training image (for caching)")
+    parser.add_argument("--cache", help="teacher cache folder: --run cache writes it, kd reads it")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -124,8 +135,18 @@ def main() -> None:
         args.epochs * args.train_batches,
         args.dkd_beta,
         args.warmup_fraction,
+        args.cache,
     )
-    data = CIFAR10DataModule(args.data_dir, batch_size=128, num_workers=2)
+    data = CIFAR10DataModule(args.data_dir, batch_size=128, num_workers=2, replays=args.replays)
+    if args.run == "cache":
+        start = time.time()
+        write_teacher_cache(module, data, args.cache, dtype="float32")
+        print(
+            json.dumps(
+                {"run": "cache", "replays": args.replays, "minutes": round((time.time() - start) / 60, 2)}
+            )
+        )
+        return
     label = args.run if args.run != "dkd" or args.dkd_beta == 8.0 else f"dkd_beta{args.dkd_beta:g}"
     label = args.label or label
     name = f"{label}_seed{args.seed}"
@@ -155,6 +176,8 @@ def main() -> None:
         "val_acc5": float(trainer.callback_metrics["val/acc5"]),
         "teacher_acc1": float(trainer.callback_metrics.get("val/teacher_acc1", float("nan"))),
         "minutes": round((time.time() - start) / 60, 2),
+        "replays": args.replays,
+        "cached": bool(args.cache),
         "checkpoint": checkpoint.last_model_path or checkpoint.best_model_path,
     }
     print(json.dumps(result))
