@@ -21,7 +21,6 @@ import os
 import shutil
 import sys
 
-import deepspeed
 import lightning as L
 import torch
 
@@ -30,6 +29,8 @@ from tests.toys import toy_loader
 
 
 def main(out_dir: str) -> None:
+    import deepspeed  # not a dependency: imported only when the fixture is remade (not at test collection)
+
     folder = os.path.join(out_dir, "deepspeed_zero2")
     module, _, _ = build()
     config = {
