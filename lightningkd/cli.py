@@ -380,7 +380,7 @@ def _cache(argv: Sequence[str]) -> None:
     recipe = [arg for path in ns.config for arg in ("--config", path)]
     cli = lightning_cli([*recipe, *rest], run=False)
     module, datamodule = cli.model, cli.datamodule
-    needed = sorted({name for d in module.distillers for name in d.teacher_layers})
+    needed = module.distilled_teacher_layers()
     missing = [name for name in needed if name not in ns.layers]
     if missing:
         raise ValueError(

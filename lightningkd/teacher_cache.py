@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -83,9 +82,10 @@ def teacher_fingerprint(teacher: nn.Module, teacher_input: nn.Module | None = No
     return h.hexdigest()
 
 
-def _layer_file(folder: Path, layer: str, part: str | None = None) -> Path:
+def _layer_file(folder: Path, layer: str, part: str) -> Path:
+    """``<layer>.npy`` for full outputs, ``<layer>.<part>.npy`` for the parts of top-k logits."""
     safe = layer.replace("/", "_")
-    return folder / (f"{safe}.{part}.npy" if part else f"{safe}.npy")
+    return folder / (f"{safe}.npy" if part == "full" else f"{safe}.{part}.npy")
 
 
 class TeacherCache:
@@ -123,9 +123,9 @@ class TeacherCache:
         self.layers: dict[str, dict[str, Any]] = self.meta["layers"]
         self._arrays: dict[str, dict[str, np.ndarray]] = {}
         for layer, spec in self.layers.items():
-            parts = ("values", "indices", "logsumexp") if spec.get("top_k") else (None,)
+            parts = ("values", "indices", "logsumexp") if spec.get("top_k") else ("full",)
             self._arrays[layer] = {
-                str(part): np.load(_layer_file(self.folder, layer, part), mmap_mode="r", allow_pickle=False)
+                part: np.load(_layer_file(self.folder, layer, part), mmap_mode="r", allow_pickle=False)
                 for part in parts
             }
 
@@ -177,7 +177,7 @@ class TeacherCache:
         inverse[order] = np.arange(len(order))
         sorted_rows = rows[order]
         if not spec.get("top_k"):
-            data = torch.from_numpy(np.asarray(arrays["None"][sorted_rows])[inverse])
+            data = torch.from_numpy(np.asarray(arrays["full"][sorted_rows])[inverse])
             return data.to(device=device, dtype=torch.float32, non_blocking=True)
         values = torch.from_numpy(np.asarray(arrays["values"][sorted_rows])[inverse]).float()
         indices = torch.from_numpy(np.asarray(arrays["indices"][sorted_rows])[inverse]).long()
@@ -320,7 +320,7 @@ def write_teacher_cache(
                     arrays[layer]["indices"][written : written + n] = i.cpu().numpy()
                     arrays[layer]["logsumexp"][written : written + n] = value.logsumexp(-1).cpu().numpy()
                 else:
-                    arrays[layer]["None"][written : written + n] = value.cpu().numpy()
+                    arrays[layer]["full"][written : written + n] = value.cpu().numpy()
             written += n
             if written % (50 * n) < n:
                 rate = written / max(time.time() - start, 1e-9)
@@ -391,7 +391,9 @@ def _allocate(
                 "logsumexp": mm(_layer_file(output, layer, "logsumexp"), "w+", np.float32, (count,)),
             }
         else:
-            arrays[layer] = {"None": mm(_layer_file(output, layer), "w+", _DTYPES[dtype], (count, *shape))}
+            arrays[layer] = {
+                "full": mm(_layer_file(output, layer, "full"), "w+", _DTYPES[dtype], (count, *shape))
+            }
     return specs, arrays
 
 
@@ -422,4 +424,4 @@ def _collate_keyed(batch: Sequence[dict[str, Any] | None]) -> dict[str, Tensor] 
 
 def expected_hit_rate(cached_replays: int, replays: int) -> float:
     """The share of training inputs found in a cache of ``cached_replays`` when training uses ``replays``."""
-    return min(1.0, cached_replays / replays) if replays else math.nan
+    return min(1.0, cached_replays / replays)

@@ -195,6 +195,10 @@ class DistillationModule(L.LightningModule, abc.ABC):
         with torch.no_grad():
             return self.teacher_tap(images)
 
+    def distilled_teacher_layers(self) -> list[str]:
+        """The teacher layers the distillers read (``"output"`` for the logits), sorted."""
+        return sorted({name for d in self.distillers for name in d.teacher_layers})
+
     def _cached_teacher_features(self, images: Tensor, batch: Mapping[str, Any] | None) -> Features:
         """The teacher layers the distillers read, from the cache by key; cache misses run the teacher."""
         assert self.teacher_cache is not None
@@ -205,7 +209,7 @@ class DistillationModule(L.LightningModule, abc.ABC):
                 "(the value the cache was written with) so that every batch names its exact inputs."
             )
         hit, rows = self.teacher_cache.lookup(keys)
-        layers = {name for d in self.distillers for name in d.teacher_layers}
+        layers = self.distilled_teacher_layers()
         if self.log_due():
             self.log("train/teacher_cache_hit_rate", len(rows) / len(keys), batch_size=len(keys))
         if len(rows) == len(keys):
@@ -464,7 +468,7 @@ class DistillationModule(L.LightningModule, abc.ABC):
     def _open_teacher_cache(self) -> TeacherCache:
         """Open ``teacher_cache`` and refuse it unless it fits this teacher, data and augmentation."""
         cache = TeacherCache(self.teacher_cache_path)  # type: ignore[arg-type]
-        needed = sorted({name for d in self.distillers for name in d.teacher_layers})
+        needed = self.distilled_teacher_layers()
         missing = [name for name in needed if name not in cache.layers]
         if missing:
             raise ValueError(
